@@ -1,0 +1,51 @@
+"""capvst: batch photorealistic and artistic style transfer with CAP-VSTNet.
+
+Public API: :func:`load_model` and :class:`Stylizer`. The model code itself lives in
+:mod:`capvst.model` and is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .model.checkpoint import UNTRAINED, UNTRAINED_SEEDS, LoadedModel, load_bytes, untrained
+from .model.revnet import MODES, Mode
+from .stylize import Stylizer
+
+if TYPE_CHECKING:
+    from .storage import Storage
+
+__version__ = "0.1.0"
+__all__ = ["MODES", "UNTRAINED", "LoadedModel", "Mode", "Stylizer", "__version__", "load_model"]
+
+log = logging.getLogger("capvst")
+
+
+def untrained_warning(mode: Mode) -> str:
+    """The loud message for an unconfigured checkpoint."""
+    env = f"CAPVST_CHECKPOINT_{mode.upper()}"
+    return (f"WARNING: no {mode} checkpoint configured ({env} or --checkpoint); using an "
+            f"UNTRAINED network (seed {UNTRAINED_SEEDS[mode]}): outputs are not real "
+            "stylizations and reports say model=untrained")
+
+
+def load_model(mode: Mode, checkpoint: str | None = None, *, expected_sha256: str | None = None,
+               storage: Storage | None = None) -> LoadedModel:
+    """Load the network of ``mode`` from a path, ``file://`` or ``s3://`` checkpoint.
+
+    ``checkpoint=None`` gives the seeded untrained network, with a loud warning.
+    """
+    if checkpoint is None or not str(checkpoint).strip():
+        log.warning(untrained_warning(mode))
+        return untrained(mode)
+    from .errors import CapvstError, CheckpointError
+    from .storage import Storage as _Storage
+    from .settings import Settings
+
+    store = storage or _Storage(Settings(), confine_local=False)
+    try:
+        data = store.read(checkpoint)
+    except CapvstError as exc:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {exc.message}") from None
+    return load_bytes(data, mode, expected_sha256)

@@ -1,0 +1,98 @@
+"""Deployment settings, read from ``CAPVST_*`` environment variables (DESIGN.md §4).
+
+Build one :class:`Settings` at an entry point (a command, the worker, the scheduler) and pass
+it down; library code never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .model.revnet import Mode
+
+
+class Settings(BaseSettings):
+    """Every knob of a capvst deployment; field ``x`` is read from ``CAPVST_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPVST_", extra="ignore")
+
+    broker_url: str = "redis://localhost:6379/0"
+    s3_endpoint_url: str | None = None
+    #: botocore retry attempts for S3 calls (the first call included).
+    s3_max_attempts: int = Field(5, ge=1, le=20)
+    s3_retry_mode: Literal["standard", "adaptive"] = "standard"
+    checkpoint_photorealistic: str | None = None
+    checkpoint_artistic: str | None = None
+    #: Optional integrity pins: the checkpoint's full sha256 must match.
+    checkpoint_photorealistic_sha256: str | None = None
+    checkpoint_artistic_sha256: str | None = None
+    device: str = "auto"
+    allowed_buckets: str | None = None
+    local_root: Path | None = None
+    task_time_limit: int = Field(1800, ge=1)
+    visibility_timeout: int = Field(3600, ge=1)
+    #: Inputs over this many pixels (width × height) fail with ``too_large``.
+    max_pixels: int = Field(100_000_000, ge=16)
+    #: Inputs over this many bytes fail with ``too_large`` before they are read.
+    max_input_bytes: int = Field(200_000_000, ge=1)
+    #: float64 is the original's; float32 is an opt-in approximation (docs/MODEL.md).
+    transform_dtype: Literal["float64", "float32"] = "float64"
+    #: Style statistics kept per worker process (least recently used are dropped).
+    style_cache_size: int = Field(64, ge=0)
+    #: Retries of a transient fault within one delivery, with exponential backoff.
+    task_max_retries: int = Field(4, ge=0)
+    #: Deliveries of one task before its items fail (a poison task that kills workers).
+    max_deliveries: int = Field(3, ge=1)
+    #: Items per stylize task (items sharing a style travel together).
+    chunk_size: int = Field(8, ge=1, le=1000)
+    #: Modes a worker loads at start.
+    worker_modes: str = "photorealistic,artistic"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError("CAPVST_VISIBILITY_TIMEOUT must exceed CAPVST_TASK_TIME_LIMIT, or a "
+                             "running task is handed to a second worker")
+        return self
+
+    @property
+    def bucket_allowlist(self) -> frozenset[str] | None:
+        """Allowed buckets, or None when any bucket is allowed."""
+        if not self.allowed_buckets or not self.allowed_buckets.strip():
+            return None
+        return frozenset(b.strip() for b in self.allowed_buckets.split(",") if b.strip())
+
+    @property
+    def soft_time_limit(self) -> int:
+        """Soft limit: a little before the hard one so a task can clean up."""
+        return max(1, self.task_time_limit - max(1, min(30, self.task_time_limit // 10)))
+
+    @property
+    def modes(self) -> tuple[Mode, ...]:
+        """Modes listed in ``worker_modes``."""
+        out: list[Mode] = []
+        for m in self.worker_modes.split(","):
+            m = m.strip()
+            if m == "photorealistic" or m == "artistic":
+                out.append(m)
+            elif m:
+                raise ValueError(f"unknown mode {m!r} in CAPVST_WORKER_MODES")
+        return tuple(out)
+
+    def checkpoint_for(self, mode: Mode) -> tuple[str | None, str | None]:
+        """(checkpoint URI, expected sha256) configured for ``mode``."""
+        if mode == "photorealistic":
+            return self.checkpoint_photorealistic, self.checkpoint_photorealistic_sha256
+        return self.checkpoint_artistic, self.checkpoint_artistic_sha256

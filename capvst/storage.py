@@ -1,0 +1,404 @@
+"""One interface over ``s3://`` object storage and local files (``file://`` or plain paths).
+
+Reads stream; output writes are create-only (an existing object is never overwritten, so a
+redelivered task cannot corrupt a finished output); every failure becomes a capvst error with
+a code: missing objects ``not_found``, refusals ``access_denied``, passing faults a
+:class:`~capvst.errors.StorageError` that callers retry.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import os
+import posixpath
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from .errors import AccessDenied, InvalidItem, NotFound, PermanentStorageError, StorageError, \
+    TooLarge
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+#: Outputs above this size are written with a (create-only) multipart upload.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNK = 16 * 1024 * 1024
+
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "OperationAborted",
+    "ConditionalRequestConflict", "409", "RequestLimitExceeded", "BadDigest", "IncompleteBody",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NoSuchBucket", "NotFound", "NoSuchUpload"}
+_DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
+                 "SignatureDoesNotMatch", "AccountProblem", "InvalidObjectState"}
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: ``scheme`` is ``s3`` or ``file``; ``path`` is the key or absolute path."""
+
+    scheme: str
+    bucket: str
+    path: str
+
+    @property
+    def uri(self) -> str:
+        """Canonical URI."""
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.path}"
+        return Path(self.path).as_uri()
+
+    @property
+    def name(self) -> str:
+        """Last path component."""
+        return posixpath.basename(self.path.rstrip("/"))
+
+
+def parse(uri: str) -> Location:
+    """Parse ``s3://bucket/key``, ``file:///abs/path`` or a local path (made absolute)."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise InvalidItem("empty URI")
+    if "\x00" in uri:
+        raise InvalidItem("URI contains a NUL byte")
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise InvalidItem(f"no bucket in {uri!r}")
+        key = parts.path.lstrip("/")
+        if any(seg == ".." for seg in key.split("/")):
+            raise AccessDenied(f"'..' is not allowed in object keys: {uri}")
+        return Location("s3", parts.netloc, key)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidItem(f"file URIs must be local: {uri!r}")
+        return Location("file", "", os.path.abspath(unquote(parts.path)))
+    if parts.scheme and len(parts.scheme) > 1:
+        raise InvalidItem(f"unsupported URI scheme {parts.scheme!r} in {uri!r}; "
+                          "use s3://, file:// or a local path")
+    return Location("file", "", os.path.abspath(os.path.expanduser(uri)))
+
+
+def resolve(ref: str, base: str) -> str:
+    """``ref`` relative to the folder of URI ``base`` (absolute refs are returned as they are)."""
+    parts = urlsplit(ref)
+    if (parts.scheme and len(parts.scheme) > 1) or os.path.isabs(ref):
+        return ref
+    loc = parse(base)
+    if loc.scheme == "s3":
+        folder = posixpath.dirname(loc.path)
+        joined = posixpath.normpath(posixpath.join(folder, ref)) if folder else posixpath.normpath(ref)
+        if joined.startswith("../") or joined == "..":
+            raise AccessDenied(f"{ref!r} points outside the bucket")
+        return f"s3://{loc.bucket}/{joined}"
+    return Path(os.path.normpath(os.path.join(os.path.dirname(loc.path), unquote(ref)))).as_uri()
+
+
+def join(prefix: str, *names: str) -> str:
+    """Append path components to a URI prefix."""
+    loc = parse(prefix)
+    if loc.scheme == "s3":
+        key = posixpath.join(loc.path, *names) if loc.path else posixpath.join(*names)
+        return f"s3://{loc.bucket}/{key}"
+    return Path(os.path.join(loc.path, *names)).as_uri()
+
+
+def _client_error_code(exc: Exception) -> str:
+    resp = getattr(exc, "response", None) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code or str(status or "")
+
+
+class Storage:
+    """Reads and writes URIs under the deployment's rules.
+
+    ``confine_local``: local paths must lie under ``settings.local_root`` (workers and the
+    scheduler); when false (a user's own command line) any local path may be read.
+    """
+
+    def __init__(self, settings: Settings, *, confine_local: bool = True) -> None:
+        self.settings = settings
+        self.confine_local = confine_local
+        self._client: Any = None
+        self._lock = threading.Lock()
+        root = settings.local_root
+        self._root = os.path.realpath(root) if root is not None else None
+
+    # -- policy --------------------------------------------------------------------------------
+    def check(self, uri: str) -> Location:
+        """Parse ``uri`` and refuse it unless this deployment may touch it."""
+        loc = parse(uri)
+        if loc.scheme == "s3":
+            allow = self.settings.bucket_allowlist
+            if allow is not None and loc.bucket not in allow:
+                raise AccessDenied(f"bucket {loc.bucket!r} is not in CAPVST_ALLOWED_BUCKETS")
+            if not loc.path:
+                raise InvalidItem(f"no object key in {uri!r}")
+            return loc
+        if self.confine_local:
+            if self._root is None:
+                raise AccessDenied("local paths are refused here; set CAPVST_LOCAL_ROOT to allow "
+                                   "a folder")
+            real = os.path.realpath(loc.path)
+            if real != self._root and not real.startswith(self._root + os.sep):
+                raise AccessDenied(f"{loc.path} is outside CAPVST_LOCAL_ROOT")
+            return Location("file", "", real)
+        return loc
+
+    # -- S3 plumbing ---------------------------------------------------------------------------
+    @property
+    def s3(self) -> Any:
+        """The boto3 S3 client, built on first use (after any fork)."""
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                cfg = Config(
+                    retries={"mode": self.settings.s3_retry_mode,
+                             "total_max_attempts": self.settings.s3_max_attempts},
+                    connect_timeout=10, read_timeout=60, max_pool_connections=32,
+                    s3={"addressing_style": "path"} if self.settings.s3_endpoint_url else None,
+                )
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.settings.s3_endpoint_url, config=cfg)
+            return self._client
+
+    def _s3_error(self, exc: Exception, loc: Location, doing: str) -> Exception:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = _client_error_code(exc)
+            if code in _NOT_FOUND_CODES:
+                return NotFound(f"{loc.uri} does not exist")
+            if code in _DENIED_CODES:
+                return AccessDenied(f"access denied {doing} {loc.uri}")
+            if code in _TRANSIENT_CODES or code.startswith("5"):
+                return StorageError(f"S3 {code} {doing} {loc.uri}")
+            return PermanentStorageError(f"S3 {code} {doing} {loc.uri}")
+        if isinstance(exc, (BotoCoreError, OSError, ConnectionError)):
+            return StorageError(f"{type(exc).__name__} {doing} {loc.uri}")
+        return exc
+
+    def _s3_call(self, loc: Location, doing: str, fn: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.s3, fn)(**kwargs)
+        except Exception as exc:  # mapped to our tree; unknown errors pass through
+            raise self._s3_error(exc, loc, doing) from None
+
+    # -- reads ---------------------------------------------------------------------------------
+    def size(self, uri: str) -> int | None:
+        """Size in bytes, or None when the object does not exist."""
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            try:
+                st = os.stat(loc.path)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise PermanentStorageError(f"cannot stat {loc.path}: {exc.strerror}") from None
+            return None if os.path.isdir(loc.path) else st.st_size
+        try:
+            head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
+        except NotFound:
+            return None
+        return int(head["ContentLength"])
+
+    def exists(self, uri: str) -> bool:
+        """Whether the object exists."""
+        return self.size(uri) is not None
+
+    def etag(self, uri: str) -> str | None:
+        """A version tag for caching (S3 ETag, or mtime and size of a file)."""
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            try:
+                st = os.stat(loc.path)
+            except OSError:
+                return None
+            return f"{st.st_mtime_ns}-{st.st_size}"
+        try:
+            head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
+        except NotFound:
+            return None
+        return str(head.get("ETag", "")).strip('"') or None
+
+    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The whole object; TooLarge above ``max_bytes``."""
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            try:
+                with open(loc.path, "rb") as fh:
+                    if max_bytes is not None and os.fstat(fh.fileno()).st_size > max_bytes:
+                        raise TooLarge(f"{loc.path} is over {max_bytes:,} bytes")
+                    return fh.read()
+            except FileNotFoundError:
+                raise NotFound(f"{loc.path} does not exist") from None
+            except IsADirectoryError:
+                raise NotFound(f"{loc.path} is a directory, not a file") from None
+            except PermissionError:
+                raise AccessDenied(f"permission denied reading {loc.path}") from None
+        resp = self._s3_call(loc, "reading", "get_object", Bucket=loc.bucket, Key=loc.path)
+        if max_bytes is not None and int(resp.get("ContentLength", 0)) > max_bytes:
+            resp["Body"].close()
+            raise TooLarge(f"{loc.uri} is over {max_bytes:,} bytes")
+        try:
+            return bytes(resp["Body"].read())
+        except Exception as exc:
+            raise self._s3_error(exc, loc, "reading") from None
+
+    def iter_lines(self, uri: str, chunk_size: int = 1 << 16) -> Iterator[str]:
+        """Decoded text lines (UTF-8, BOM dropped), streamed; line endings stripped."""
+        loc = self.check(uri)
+        decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        if loc.scheme == "file":
+            try:
+                fh = open(loc.path, "rb")
+            except FileNotFoundError:
+                raise NotFound(f"{loc.path} does not exist") from None
+            except IsADirectoryError:
+                raise NotFound(f"{loc.path} is a directory, not a file") from None
+            except PermissionError:
+                raise AccessDenied(f"permission denied reading {loc.path}") from None
+            chunks: Iterator[bytes] = iter(lambda: fh.read(chunk_size), b"")
+            closer = fh.close
+        else:
+            resp = self._s3_call(loc, "reading", "get_object", Bucket=loc.bucket, Key=loc.path)
+            body = resp["Body"]
+            chunks = body.iter_chunks(chunk_size)
+            closer = body.close
+        pending = ""
+        try:
+            for chunk in chunks:
+                pending += decoder.decode(chunk)
+                lines = pending.split("\n")
+                pending = lines.pop()
+                for line in lines:
+                    yield line.rstrip("\r")
+            pending += decoder.decode(b"", final=True)
+            if pending:
+                yield pending.rstrip("\r")
+        except Exception as exc:
+            if loc.scheme == "s3":
+                raise self._s3_error(exc, loc, "reading") from None
+            raise
+        finally:
+            closer()
+
+    # -- writes --------------------------------------------------------------------------------
+    def write(self, uri: str, data: bytes, *, create_only: bool = False,
+              content_type: str = "application/octet-stream") -> bool:
+        """Write ``data`` completely or not at all.
+
+        With ``create_only`` an existing object is left alone and False is returned; two
+        concurrent writers of the same key leave exactly one complete object.
+        """
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            return self._write_file(loc, data, create_only)
+        if len(data) > MULTIPART_THRESHOLD:
+            return self._write_multipart(loc, data, create_only, content_type)
+        kwargs: dict[str, Any] = dict(Bucket=loc.bucket, Key=loc.path, Body=data,
+                                      ContentType=content_type)
+        if create_only:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.s3.put_object(**kwargs)
+        except Exception as exc:
+            code = _client_error_code(exc)
+            if create_only and code in ("PreconditionFailed", "412"):
+                return False
+            if create_only and code in ("NotImplemented", "501"):
+                # a store without conditional writes: check first (racy, documented)
+                if self.exists(uri):
+                    return False
+                kwargs.pop("IfNoneMatch")
+                self._s3_call(loc, "writing", "put_object", **kwargs)
+                return True
+            raise self._s3_error(exc, loc, "writing") from None
+        return True
+
+    def _write_multipart(self, loc: Location, data: bytes, create_only: bool,
+                         content_type: str) -> bool:
+        up = self._s3_call(loc, "writing", "create_multipart_upload", Bucket=loc.bucket,
+                           Key=loc.path, ContentType=content_type)
+        upload_id = up["UploadId"]
+        try:
+            parts = []
+            for n, start in enumerate(range(0, len(data), MULTIPART_CHUNK), 1):
+                r = self._s3_call(loc, "writing", "upload_part", Bucket=loc.bucket, Key=loc.path,
+                                  UploadId=upload_id, PartNumber=n,
+                                  Body=data[start:start + MULTIPART_CHUNK])
+                parts.append({"ETag": r["ETag"], "PartNumber": n})
+            kwargs: dict[str, Any] = dict(Bucket=loc.bucket, Key=loc.path, UploadId=upload_id,
+                                          MultipartUpload={"Parts": parts})
+            if create_only:
+                kwargs["IfNoneMatch"] = "*"
+            try:
+                self.s3.complete_multipart_upload(**kwargs)
+            except Exception as exc:
+                if create_only and _client_error_code(exc) in ("PreconditionFailed", "412"):
+                    self._abort(loc, upload_id)
+                    return False
+                raise self._s3_error(exc, loc, "writing") from None
+            return True
+        except BaseException:
+            self._abort(loc, upload_id)
+            raise
+
+    def _abort(self, loc: Location, upload_id: str) -> None:
+        try:
+            self.s3.abort_multipart_upload(Bucket=loc.bucket, Key=loc.path, UploadId=upload_id)
+        except Exception:  # best effort; lifecycle rules clean up the rest
+            pass
+
+    def _write_file(self, loc: Location, data: bytes, create_only: bool) -> bool:
+        folder = os.path.dirname(loc.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".capvst-", suffix=f".{uuid.uuid4().hex[:6]}",
+                                       dir=folder)
+        except PermissionError:
+            raise AccessDenied(f"cannot write to {folder}: permission denied") from None
+        except OSError as exc:
+            raise PermanentStorageError(f"cannot write to {folder}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            if create_only:
+                try:
+                    os.link(tmp, loc.path)  # atomic and fails if the name exists
+                except FileExistsError:
+                    return False
+                return True
+            os.replace(tmp, loc.path)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageError(f"no space left writing {loc.path}") from None
+            raise PermanentStorageError(f"cannot write {loc.path}: {exc.strerror}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def delete(self, uri: str) -> None:
+        """Remove an object if it exists."""
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            try:
+                os.unlink(loc.path)
+            except FileNotFoundError:
+                pass
+            return
+        self._s3_call(loc, "deleting", "delete_object", Bucket=loc.bucket, Key=loc.path)
