@@ -31,13 +31,15 @@ def untrained_warning(mode: Mode) -> str:
 
 
 def load_model(mode: Mode, checkpoint: str | None = None, *, expected_sha256: str | None = None,
-               storage: Storage | None = None) -> LoadedModel:
+               storage: Storage | None = None, warn: bool = True) -> LoadedModel:
     """Load the network of ``mode`` from a path, ``file://`` or ``s3://`` checkpoint.
 
-    ``checkpoint=None`` gives the seeded untrained network, with a loud warning.
+    ``checkpoint=None`` gives the seeded untrained network, with a loud warning (logged
+    unless ``warn`` is false, for callers that print it themselves).
     """
     if checkpoint is None or not str(checkpoint).strip():
-        log.warning(untrained_warning(mode))
+        if warn:
+            log.warning(untrained_warning(mode))
         return untrained(mode)
     from .errors import CapvstError, CheckpointError
     from .storage import Storage as _Storage

@@ -26,8 +26,11 @@ OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpg", "webp")
 DEFAULT_MAX_PIXELS = 100_000_000
 #: The original's default long-edge limit.
 DEFAULT_MAX_SIZE = 1280
-#: Sides are floored to a multiple of this; under it an image is too small.
+#: Sides are floored to a multiple of this (the network downsamples by 4).
 SIDE_MULTIPLE = 4
+#: Smallest side the network can process: its reflection padding at 1/4 scale needs two
+#: pixels, so a 4-pixel side (legal by the multiple-of-4 rule) cannot run either.
+MIN_SIDE = 8
 #: JPEG and WebP quality of outputs.
 LOSSY_QUALITY = 95
 
@@ -60,7 +63,8 @@ def _open(source: Source, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except Image.DecompressionBombError as exc:
-        raise TooLarge(f"image is too large to decode safely: {exc}") from None
+        raise TooLarge(f"image is over the pixel limit, a possible decompression bomb ({exc})"
+                       ) from None
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None
     except FileNotFoundError:
@@ -120,13 +124,13 @@ def resized_size(width: int, height: int, max_size: int) -> tuple[int, int]:
 def resize(img: Image.Image, max_size: int = DEFAULT_MAX_SIZE) -> Image.Image:
     """The original's rule: long edge down to ``max_size`` then sides floored to multiples of
     4, each step a bicubic resize. TooSmall when a side would be under 4 pixels."""
-    if max_size < SIDE_MULTIPLE:
-        raise InvalidItem(f"max_size must be at least {SIDE_MULTIPLE}, got {max_size}")
+    if max_size < MIN_SIDE:
+        raise InvalidItem(f"max_size must be at least {MIN_SIDE}, got {max_size}")
     w, h = img.size
     fw, fh = resized_size(w, h, max_size)
-    if fw < SIDE_MULTIPLE or fh < SIDE_MULTIPLE:
-        raise TooSmall(f"image is {w}x{h}; after resizing a side would be under "
-                       f"{SIDE_MULTIPLE} pixels")
+    if fw < MIN_SIDE or fh < MIN_SIDE:
+        raise TooSmall(f"image is {w}x{h}, {fw}x{fh} after resizing; the network needs sides "
+                       f"of at least {MIN_SIDE} pixels")
     long_edge = max(w, h)
     if long_edge > max_size:
         img = img.resize((int(w / long_edge * max_size), int(h / long_edge * max_size)),

@@ -181,8 +181,10 @@ class RevNet(nn.Module):
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless both sides fit the network's downsampling."""
         m = self.config.side_multiple
-        if height % m or width % m or height < m or width < m:
-            raise ValueError(f"image sides must be positive multiples of {m}, got {width}x{height}")
+        # reflection padding at the coarsest scale needs two pixels there
+        if height % m or width % m or height < 2 * m or width < 2 * m:
+            raise ValueError(f"image sides must be multiples of {m} and at least {2 * m}, "
+                             f"got {width}x{height}")
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_size(x.shape[-2], x.shape[-1])

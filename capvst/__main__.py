@@ -1,0 +1,5 @@
+"""``python -m capvst`` is the ``capvst`` command."""
+
+from .cli import main
+
+main()

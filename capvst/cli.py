@@ -1,0 +1,271 @@
+"""The ``capvst`` and ``capvst-submit`` commands (DESIGN.md §3).
+
+Exit codes: 0 success; 1 an input, model or service error (one line on stderr); 2 usage or an
+unusable manifest; 3 a job that finished with failed items. Tracebacks are shown only with
+``CAPVST_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from . import __version__
+from .errors import CapvstError
+from .images import DEFAULT_MAX_SIZE, OUTPUT_FORMATS
+from .model.revnet import MODES
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS = 0, 1, 2, 3
+
+
+class _Fail(Exception):
+    """A one-line failure with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _err(msg: str) -> None:
+    print(f"capvst: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        name = f"CAPVST_{where.upper()}" if where != "settings" else "CAPVST_* settings"
+        raise _Fail(f"bad setting {name}: {first.get('msg')}", EXIT_USAGE) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 8:
+        raise argparse.ArgumentTypeError("must be at least 8")
+    return v
+
+
+def _unit_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return v
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights must be numbers: {text!r}") from None
+    if not out or any(x < 0 for x in out) or sum(out) <= 0:
+        raise argparse.ArgumentTypeError("weights must be non-negative with a positive sum")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# capvst stylize
+# ---------------------------------------------------------------------------------------------
+def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "stylize", help="stylize images in this process (no queue)",
+        description="Stylize one content image into the file OUT, or several into the folder "
+                    "OUT (named after each content's stem). Inputs are local paths, file:// or "
+                    "s3:// URIs.")
+    p.add_argument("contents", nargs="+", metavar="CONTENT", help="content image(s)")
+    p.add_argument("--style", action="append", required=True, metavar="S",
+                   help="style image; repeat to mix several styles")
+    p.add_argument("--style-weights", type=_weights, metavar="W1,W2",
+                   help="mixing weights, one per --style (normalised to sum 1; default equal)")
+    p.add_argument("--alpha-c", type=_unit_float, default=0.0, metavar="A",
+                   help="blend the statistics towards the content's own, 0..1 (default 0)")
+    p.add_argument("--content-mask", metavar="M", help="segmentation mask of the content")
+    p.add_argument("--style-mask", metavar="M", help="segmentation mask of the style")
+    p.add_argument("--mode", choices=MODES, default="photorealistic",
+                   help="network configuration (default photorealistic)")
+    p.add_argument("--checkpoint", metavar="C",
+                   help="checkpoint path or URI (default: CAPVST_CHECKPOINT_<MODE>; none: an "
+                        "untrained network, with a warning)")
+    p.add_argument("--checkpoint-sha256", metavar="HEX",
+                   help="refuse the checkpoint unless its sha256 matches")
+    p.add_argument("--max-size", type=_positive_int, default=DEFAULT_MAX_SIZE, metavar="N",
+                   help=f"long-edge limit before inference (default {DEFAULT_MAX_SIZE})")
+    p.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N (default "
+                   "CAPVST_DEVICE, else auto)")
+    p.add_argument("--transform-dtype", choices=("float64", "float32"), default=None,
+                   help="precision of the transform (default float64, the original's; float32 "
+                        "is a faster approximation)")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
+                   help="output format when OUT is a folder (default png)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file (one content) or folder (several contents)")
+    p.set_defaults(func=cmd_stylize)
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(content, output path) pairs, decided before any work so that usage errors cost nothing."""
+    from .images import format_for
+    from .storage import parse
+
+    out = args.output
+    folder = len(args.contents) > 1 or out.endswith(("/", os.sep)) or os.path.isdir(out)
+    if not folder:
+        if args.format:
+            raise _Fail("--format applies to folder outputs; name the file OUT.<format>",
+                        EXIT_USAGE)
+        try:
+            format_for(out)
+        except CapvstError as exc:
+            raise _Fail(exc.message, EXIT_USAGE) from None
+        return [(args.contents[0], out)]
+    fmt = args.format or "png"
+    pairs, seen = [], {}
+    for c in args.contents:
+        stem = os.path.splitext(parse(c).name)[0] or "output"
+        if stem in seen:
+            raise _Fail(f"{c} and {seen[stem]} would both be written to {stem}.{fmt}",
+                        EXIT_USAGE)
+        seen[stem] = c
+        pairs.append((c, os.path.join(out, f"{stem}.{fmt}")))
+    return pairs
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    """Run the whole pipeline in this process for each content."""
+    import torch
+
+    from . import load_model, untrained_warning
+    from .images import decode_image, encode, format_for
+    from .storage import Storage
+    from .stylize import Stylizer
+
+    if (args.content_mask is None) != (args.style_mask is None):
+        raise _Fail("--content-mask and --style-mask go together", EXIT_USAGE)
+    if args.content_mask and len(args.contents) > 1:
+        raise _Fail("masks apply to a single content image", EXIT_USAGE)
+    if args.content_mask and len(args.style) > 1:
+        raise _Fail("masks work with exactly one --style", EXIT_USAGE)
+    if args.style_weights is not None and len(args.style_weights) != len(args.style):
+        raise _Fail(f"{len(args.style_weights)} --style-weights for {len(args.style)} styles",
+                    EXIT_USAGE)
+    pairs = _targets(args)
+    settings = _settings()
+    store = Storage(settings, confine_local=False)
+    checkpoint, pinned = settings.checkpoint_for(args.mode)
+    checkpoint = args.checkpoint or checkpoint
+    if not checkpoint:
+        _info(untrained_warning(args.mode))
+    try:
+        model = load_model(args.mode, checkpoint, expected_sha256=args.checkpoint_sha256 or pinned,
+                           storage=store, warn=False)
+        dtype = {"float64": torch.float64, "float32": torch.float32}[
+            args.transform_dtype or settings.transform_dtype]
+        stylizer = Stylizer(model, args.device or settings.device, dtype,
+                            settings.style_cache_size)
+    except CapvstError as exc:
+        raise _Fail(exc.message) from None
+
+    def read(uri: str) -> bytes:
+        return store.read(uri, settings.max_input_bytes)
+
+    try:
+        styles = [decode_image(read(s), settings.max_pixels) for s in args.style]
+        masks = (read(args.content_mask), read(args.style_mask)) if args.content_mask else None
+    except CapvstError as exc:
+        raise _Fail(exc.message) from None
+    failures = 0
+    for n, (content, target) in enumerate(pairs, 1):
+        t0 = time.perf_counter()
+        try:
+            pixels = stylizer.stylize(
+                decode_image(read(content), settings.max_pixels), styles,
+                weights=args.style_weights, alpha_c=args.alpha_c, max_size=args.max_size,
+                content_mask=masks[0] if masks else None, style_mask=masks[1] if masks else None,
+                style_keys=args.style)
+            store.write(target, encode(pixels, format_for(target)),
+                        content_type=f"image/{format_for(target)}")
+        except CapvstError as exc:
+            failures += 1
+            _err(f"{content}: {exc.message}")
+            continue
+        if len(pairs) > 1:
+            _info(f"[{n}/{len(pairs)}] {content} -> {target} ({time.perf_counter() - t0:.1f} s)")
+    if failures:
+        if len(pairs) > 1:
+            _info(f"{failures} of {len(pairs)} images failed")
+        return EXIT_ERROR
+    if len(pairs) == 1:
+        _info(f"wrote {pairs[0][1]}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="capvst", description="Batch style transfer with CAP-VSTNet: stylize images "
+        "locally or run and manage queued jobs.")
+    p.add_argument("--version", action="version", version=f"capvst {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_stylize(sub)
+    from . import cli_jobs
+
+    cli_jobs.add_commands(sub)
+    return p
+
+
+def _run(argv: Sequence[str] | None, build: Callable[[], argparse.ArgumentParser]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    debug = os.environ.get("CAPVST_DEBUG") == "1"
+    try:
+        args = build().parse_args(argv)
+        return int(args.func(args))
+    except _Fail as exc:
+        _err(str(exc))
+        return exc.code
+    except CapvstError as exc:
+        if debug:
+            raise
+        _err(exc.message)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as exc:  # a one-line message; CAPVST_DEBUG=1 shows the traceback
+        if debug:
+            raise
+        _err(f"unexpected {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """``capvst``."""
+    sys.exit(_run(argv, _parser))
+
+
+def submit_main(argv: Sequence[str] | None = None) -> NoReturn:
+    """``capvst-submit`` (the same as ``capvst submit``)."""
+    from . import cli_jobs
+
+    sys.exit(_run(argv, cli_jobs.submit_parser))

@@ -1,0 +1,137 @@
+"""Decoding, the resize rule, conversions and encoding."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capvst import images
+from capvst.errors import BadImage, TooLarge, TooSmall
+
+
+def _png(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_modes_become_rgb():
+    rgb = Image.new("RGB", (10, 6), (200, 100, 50))
+    cases = {
+        "L": Image.new("L", (10, 6), 77),
+        "LA": Image.new("LA", (10, 6), (77, 9)),
+        "P": rgb.convert("P"),
+        "RGBA": Image.new("RGBA", (10, 6), (200, 100, 50, 0)),
+        "CMYK": rgb.convert("CMYK"),
+    }
+    for mode, img in cases.items():
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        out = images.decode_image(_png(img, fmt))
+        assert out.mode == "RGB" and out.size == (10, 6), mode
+    assert images.decode_image(_png(cases["L"])).getpixel((0, 0)) == (77, 77, 77)
+    assert images.decode_image(_png(cases["RGBA"])).getpixel((0, 0)) == (200, 100, 50)
+
+
+def test_16_bit_is_scaled_not_clipped():
+    arr = np.full((6, 10), 65535, np.uint16)
+    arr[0, 0] = 32896  # 128 * 257
+    img = Image.fromarray(arr)
+    out = images.decode_image(_png(img))
+    assert out.getpixel((1, 1)) == (255, 255, 255)
+    assert out.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_exif_orientation_applied():
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 5, 10))  # red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    out = images.decode_image(_png(img, "JPEG", exif=exif.tobytes(), quality=100))
+    assert out.size == (10, 20)
+    r, g, b = out.getpixel((5, 1))  # the red band is now at the top
+    assert r > 200 and g < 60
+
+
+def test_animated_uses_first_frame():
+    frames = [Image.new("RGB", (12, 12), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    r, g, b = images.decode_image(buf.getvalue()).getpixel((3, 3))
+    assert r > 200 and b < 60
+
+
+@pytest.mark.parametrize("data,exc", [
+    (b"", BadImage), (b"not an image at all", BadImage),
+])
+def test_bad_bytes(data, exc):
+    with pytest.raises(exc):
+        images.decode_image(data)
+
+
+def test_truncated_jpeg():
+    full = _png(Image.effect_noise((64, 64), 40).convert("RGB"), "JPEG")
+    with pytest.raises(BadImage):
+        images.decode_image(full[: len(full) // 2])
+
+
+def test_decompression_bomb_refused_from_header():
+    bomb = _png(Image.new("1", (16000, 16000)))  # 256 MP of zeros, a few KB on disk
+    assert len(bomb) < 100_000
+    with pytest.raises(TooLarge, match="over the"):
+        images.decode_image(bomb)
+    under_pillows_limit = _png(Image.new("1", (12000, 12000)))  # 144 MP: our limit applies
+    with pytest.raises(TooLarge, match="over the limit of 100,000,000"):
+        images.decode_image(under_pillows_limit)
+    with pytest.raises(TooLarge):
+        images.decode_image(_png(Image.new("RGB", (50, 50))), max_pixels=2000)
+
+
+@pytest.mark.parametrize("size,max_size,want", [
+    ((3840, 2400), 128, (128, 80)), ((1200, 675), 512, (512, 288)),
+    ((1000, 668), 512, (512, 340)), ((1920, 1080), 384, (384, 216)),
+    ((570, 570), 512, (512, 512)), ((30, 23), 1280, (28, 20)), ((13, 9), 64, (12, 8)),
+])
+def test_resize_rule(size, max_size, want):
+    assert images.resized_size(*size, max_size) == want
+    assert images.resize(Image.new("RGB", size), max_size).size == want
+
+
+def test_too_small():
+    for size in ((1, 1), (3, 3), (100, 6), (7, 40)):
+        with pytest.raises(TooSmall):
+            images.resize(Image.new("RGB", size), 1280)
+
+
+def test_tensor_conversions_match_the_original():
+    arr = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
+    x = images.to_tensor(Image.fromarray(arr))
+    assert x.shape == (1, 3, 4, 4) and x.dtype == torch.float32
+    assert torch.equal(x[0, :, 1, 2], torch.from_numpy(arr[1, 2]).float().div(255))
+    y = torch.tensor([[-0.5, 0.0, 0.999, 1.0, 2.0, 0.5019]]).reshape(1, 1, 1, 6).repeat(1, 3, 1, 1)
+    # scale, clamp, truncate (no rounding): 0.999*255 = 254.7 -> 254; 0.5019*255 = 127.98 -> 127
+    assert images.to_uint8(y)[0, :, 0].tolist() == [0, 0, 254, 255, 255, 127]
+
+
+def test_encode_round_trip():
+    px = np.asarray(Image.effect_noise((16, 12), 30).convert("RGB"))
+    for fmt in images.OUTPUT_FORMATS:
+        data = images.encode(px, fmt)
+        back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert back.shape == px.shape
+        if fmt == "png":
+            assert np.array_equal(back, px)
+    assert images.format_for("a/b.JPEG") == "jpg"
+
+
+def test_mask_colours_and_label_maps():
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[:, 3:] = (0, 0, 255)        # blue -> 3
+    rgb[0, 0] = (250, 250, 250)     # near white -> 1
+    m = images.decode_mask(_png(Image.fromarray(rgb)), (6, 4))
+    assert m[1, 1] == 0 and m[1, 4] == 3 and m[0, 0] == 1
+    labels = np.array([[0, 7], [7, 200]], np.uint8)
+    # single-channel masks are label maps; resized with nearest neighbour to the image size
+    m2 = images.decode_mask(_png(Image.fromarray(labels, "L")), (4, 4))
+    assert m2.shape == (4, 4) and set(np.unique(m2)) == {0, 7, 200}

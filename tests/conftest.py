@@ -1,0 +1,42 @@
+"""Shared fixtures: the authors' reference data, and helpers for small test images."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference_dir() -> Path | None:
+    candidates = [os.environ.get("CAPVST_REFERENCE_DIR"), REPO.parent / "shared" / "reference",
+                  "/work/shared/reference"]
+    for c in candidates:
+        if c and (Path(c) / "cases.json").is_file():
+            return Path(c)
+    return None
+
+
+REFERENCE = _reference_dir()
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    """The folder of the original code's outputs; CI (CAPVST_REQUIRE_REFERENCE=1) must have it."""
+    if REFERENCE is None:
+        if os.environ.get("CAPVST_REQUIRE_REFERENCE") == "1":
+            pytest.fail("reference data (../shared/reference) is missing but "
+                        "CAPVST_REQUIRE_REFERENCE=1; set CAPVST_REFERENCE_DIR")
+        pytest.skip("no reference data on this machine (../shared/reference or "
+                    "CAPVST_REFERENCE_DIR); parity tests need the original code's outputs")
+    return REFERENCE
+
+
+def reference_cases() -> list[dict]:
+    """Cases of cases.json, or [] when the folder is missing (tests then skip or fail above)."""
+    if REFERENCE is None:
+        return [{"name": "missing-reference"}]
+    return list(json.loads((REFERENCE / "cases.json").read_text())["cases"])
