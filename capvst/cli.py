@@ -18,7 +18,7 @@ from typing import NoReturn
 from . import __version__
 from .errors import CapvstError
 from .images import DEFAULT_MAX_SIZE, OUTPUT_FORMATS
-from .model.revnet import MODES
+from .types import MODES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS = 0, 1, 2, 3
 

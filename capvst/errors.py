@@ -90,6 +90,24 @@ class InvalidItem(PermanentError):
     code = "invalid_item"
 
 
+class DuplicateOutput(PermanentError):
+    """An earlier manifest line already names this output."""
+
+    code = "duplicate_output"
+
+
+class Cancelled(PermanentError):
+    """The job was cancelled before the item ran."""
+
+    code = "cancelled"
+
+
+class Timeout(PermanentError):
+    """The item ran past its time limit."""
+
+    code = "timeout"
+
+
 class ModelError(PermanentError):
     """The model cannot run on this input or cannot be loaded."""
 

@@ -13,12 +13,15 @@ import os
 import warnings
 from typing import BinaryIO, Literal
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from .errors import BadImage, InvalidItem, TooLarge, TooSmall
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadImage, InvalidItem, ModelError, TooLarge, TooSmall
+
+if TYPE_CHECKING:  # PyTorch is imported where tensors are made, not by the scheduler
+    from torch import Tensor
 
 OutputFormat = Literal["png", "jpg", "webp"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpg", "webp")
@@ -142,15 +145,17 @@ def resize(img: Image.Image, max_size: int = DEFAULT_MAX_SIZE) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> Tensor:
     """uint8 RGB image -> float32 ``[1, 3, H, W]`` in [0, 1] (the original's division)."""
+    import torch
+
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
     """``[1, 3, H, W]`` float -> HWC uint8: scale by 255, clamp, truncate (the original's)."""
-    if not bool(torch.isfinite(x).all()):
-        from .errors import ModelError
+    import torch
 
+    if not bool(torch.isfinite(x).all()):
         raise ModelError("the network produced non-finite values")
     y = (x.detach()[0].float() * 255).clamp(0, 255).to(torch.uint8)
     return y.permute(1, 2, 0).cpu().numpy()

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .model.revnet import Mode
+from .types import Mode
 
 
 class Settings(BaseSettings):
@@ -51,6 +51,19 @@ class Settings(BaseSettings):
     chunk_size: int = Field(8, ge=1, le=1000)
     #: Modes a worker loads at start.
     worker_modes: str = "photorealistic,artistic"
+    #: First backoff of a transient retry in seconds; doubles per retry up to the maximum.
+    retry_backoff: float = Field(1.0, ge=0.0)
+    retry_backoff_max: float = Field(30.0, ge=0.0)
+    #: Manifest lines the scheduler reads per expansion step.
+    expand_slice_lines: int = Field(5000, ge=1)
+    #: Expansion pauses while the stylize queue holds this many tasks (bounds Redis memory).
+    max_queued_tasks: int = Field(2000, ge=1)
+    #: Days a finished job's state stays in Redis (object storage keeps the report).
+    job_ttl_days: float = Field(14.0, gt=0)
+    #: Rows with thumbnails in index.html (failures first).
+    report_rows: int = Field(100, ge=0)
+    #: Intra-op threads per worker process; unset leaves PyTorch's default.
+    torch_threads: int | None = Field(None, ge=1)
 
     @field_validator("device")
     @classmethod

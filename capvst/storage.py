@@ -8,7 +8,6 @@ a code: missing objects ``not_found``, refusals ``access_denied``, passing fault
 
 from __future__ import annotations
 
-import codecs
 import errno
 import os
 import posixpath
@@ -255,10 +254,10 @@ class Storage:
         except Exception as exc:
             raise self._s3_error(exc, loc, "reading") from None
 
-    def iter_lines(self, uri: str, chunk_size: int = 1 << 16) -> Iterator[str]:
-        """Decoded text lines (UTF-8, BOM dropped), streamed; line endings stripped."""
+    def iter_chunks(self, uri: str, start: int = 0, chunk_size: int = 1 << 16
+                    ) -> Iterator[bytes]:
+        """The object's bytes from offset ``start``, streamed in chunks."""
         loc = self.check(uri)
-        decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         if loc.scheme == "file":
             try:
                 fh = open(loc.path, "rb")
@@ -268,30 +267,46 @@ class Storage:
                 raise NotFound(f"{loc.path} is a directory, not a file") from None
             except PermissionError:
                 raise AccessDenied(f"permission denied reading {loc.path}") from None
-            chunks: Iterator[bytes] = iter(lambda: fh.read(chunk_size), b"")
-            closer = fh.close
-        else:
-            resp = self._s3_call(loc, "reading", "get_object", Bucket=loc.bucket, Key=loc.path)
-            body = resp["Body"]
-            chunks = body.iter_chunks(chunk_size)
-            closer = body.close
-        pending = ""
+            with fh:
+                fh.seek(start)
+                while chunk := fh.read(chunk_size):
+                    yield chunk
+            return
+        kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.path}
+        if start:
+            kwargs["Range"] = f"bytes={start}-"
         try:
-            for chunk in chunks:
-                pending += decoder.decode(chunk)
-                lines = pending.split("\n")
-                pending = lines.pop()
-                for line in lines:
-                    yield line.rstrip("\r")
-            pending += decoder.decode(b"", final=True)
-            if pending:
-                yield pending.rstrip("\r")
-        except Exception as exc:
-            if loc.scheme == "s3":
-                raise self._s3_error(exc, loc, "reading") from None
+            resp = self._s3_call(loc, "reading", "get_object", **kwargs)
+        except PermanentStorageError as exc:
+            if "InvalidRange" in exc.message:  # start at or past the end
+                return
             raise
+        body = resp["Body"]
+        try:
+            for chunk in body.iter_chunks(chunk_size):
+                yield chunk
+        except Exception as exc:
+            raise self._s3_error(exc, loc, "reading") from None
         finally:
-            closer()
+            body.close()
+
+    def iter_uris(self, prefix: str) -> Iterator[str]:
+        """URIs of every object under ``prefix`` (a folder), in no particular order."""
+        loc = self.check(prefix)
+        if loc.scheme == "file":
+            for root, _dirs, files in os.walk(loc.path):
+                for f in files:
+                    if not f.startswith(".capvst-"):
+                        yield Path(os.path.join(root, f)).as_uri()
+            return
+        key = loc.path.rstrip("/") + "/"
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=key)
+        try:
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    yield f"s3://{loc.bucket}/{obj['Key']}"
+        except Exception as exc:
+            raise self._s3_error(exc, loc, "listing") from None
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, uri: str, data: bytes, *, create_only: bool = False,
@@ -391,6 +406,37 @@ class Storage:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def upload_file(self, uri: str, path: str, content_type: str = "application/octet-stream"
+                    ) -> None:
+        """Copy a local file to ``uri`` (overwriting), streamed; multipart when large."""
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            folder = os.path.dirname(loc.path)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".capvst-", dir=folder)
+                with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, loc.path)
+            except PermissionError:
+                raise AccessDenied(f"cannot write to {folder}: permission denied") from None
+            except OSError as exc:
+                raise PermanentStorageError(f"cannot write {loc.path}: {exc.strerror}") from None
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        try:
+            self.s3.upload_file(path, loc.bucket, loc.path,
+                                ExtraArgs={"ContentType": content_type},
+                                Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                                                      multipart_chunksize=MULTIPART_CHUNK))
+        except Exception as exc:
+            inner = getattr(exc, "last_exception", None) or getattr(exc, "__cause__", None)
+            raise self._s3_error(inner if isinstance(inner, Exception) else exc, loc,
+                                 "writing") from None
 
     def delete(self, uri: str) -> None:
         """Remove an object if it exists."""

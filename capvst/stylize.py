@@ -18,7 +18,7 @@ from . import images
 from .errors import InvalidItem, ModelError
 from .model import cwct
 from .model.checkpoint import LoadedModel
-from .model.revnet import Mode
+from .types import Mode
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from ..errors import CheckpointError
 from .revnet import MODES, Mode, RevNet, build_net
 
-UNTRAINED = "untrained"
+from .. import UNTRAINED  # noqa: E402  (one definition)
 #: Seeds of the untrained fallback networks, fixed so every worker computes the same thing.
 UNTRAINED_SEEDS: dict[Mode, int] = {"photorealistic": 0, "artistic": 1}
 

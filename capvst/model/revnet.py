@@ -8,13 +8,11 @@ tensor shapes are part of the contract, which is why ``conv`` stays an ``nn.Sequ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-Mode = Literal["photorealistic", "artistic"]
-MODES: tuple[Mode, ...] = ("photorealistic", "artistic")
+from ..types import MODES, Mode
 
 Pair = tuple[Tensor, Tensor]
 

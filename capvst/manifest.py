@@ -1,0 +1,313 @@
+"""Manifest schema and streaming parser (DESIGN.md §5).
+
+A manifest is JSON Lines or CSV with a header. It is read line by line from a byte offset, so
+a manifest of millions of lines is never held in memory and expansion can stop and restart
+anywhere. Every line that is not blank yields either an :class:`Item` or an
+:class:`ItemError`; a bad line never stops the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import CapvstError, InvalidItem
+from .images import DEFAULT_MAX_SIZE, MIN_SIDE, OUTPUT_FORMATS, OutputFormat
+from .types import Mode
+from .storage import join, parse, resolve
+
+#: Longest accepted manifest line in bytes; longer lines fail alone (and are never buffered).
+MAX_LINE_BYTES = 64 * 1024
+#: Largest accepted ``max_size``.
+MAX_MAX_SIZE = 8192
+#: Folder under the output prefix that belongs to capvst (reports, job records).
+RESERVED = "_capvst"
+FIELDS = ("content", "style", "style_weights", "alpha_c", "mode", "max_size", "content_mask",
+          "style_mask", "output", "format", "id")
+ManifestFormat = Literal["jsonl", "csv"]
+
+
+class JobOptions(BaseModel):
+    """Job-wide defaults from the command line; a manifest line overrides them."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Mode = "photorealistic"
+    max_size: int = Field(DEFAULT_MAX_SIZE, ge=MIN_SIDE, le=MAX_MAX_SIZE)
+    format: OutputFormat = "png"
+
+
+class LineSpec(BaseModel):
+    """One manifest line as written (before URIs are resolved)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    content: str = Field(min_length=1)
+    style: str | list[str]
+    style_weights: list[float] | None = None
+    alpha_c: float | None = Field(None, ge=0.0, le=1.0)
+    mode: Mode | None = None
+    max_size: int | None = Field(None, ge=MIN_SIDE, le=MAX_MAX_SIZE)
+    content_mask: str | None = None
+    style_mask: str | None = None
+    output: str | None = None
+    format: OutputFormat | None = None
+    id: str | None = Field(None, max_length=512)
+
+    @field_validator("style")
+    @classmethod
+    def _styles(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not isinstance(s, str) or not s.strip() for s in items):
+            raise ValueError("style must be a URI or a non-empty list of URIs")
+        return v
+
+    @field_validator("style_weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (any(w < 0 or w != w or w == float("inf") for w in v)
+                              or sum(v) <= 0):
+            raise ValueError("weights must be non-negative with a positive sum")
+        return v
+
+
+class Item(BaseModel):
+    """A validated, resolved unit of work: one content, its style(s), one output."""
+
+    model_config = ConfigDict(extra="forbid")
+    line: int
+    id: str | None = None
+    content: str
+    styles: list[str]
+    style_weights: list[float] | None = None
+    alpha_c: float = 0.0
+    mode: Mode
+    max_size: int
+    content_mask: str | None = None
+    style_mask: str | None = None
+    output: str
+    format: OutputFormat
+
+    @property
+    def style_field(self) -> str | list[str]:
+        """The report's ``style``: one URI, or the list for a mix."""
+        return self.styles[0] if len(self.styles) == 1 else list(self.styles)
+
+    @property
+    def style_key(self) -> str:
+        """Items with equal keys can reuse one style's statistics."""
+        return "|".join([self.mode, str(self.max_size), *self.styles])
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """A line that cannot become an item; reported as failed with ``code``."""
+
+    line: int
+    code: str
+    message: str
+    id: str | None = None
+    content: str | None = None
+    style: str | list[str] | None = None
+    output: str | None = None
+
+
+def detect_format(uri: str, first_line: str | None = None) -> ManifestFormat:
+    """By extension (.jsonl/.ndjson/.json or .csv), else by the first line's look."""
+    ext = os.path.splitext(parse(uri).path)[1].lower()
+    if ext in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if ext == ".csv":
+        return "csv"
+    return "jsonl" if (first_line or "").lstrip().startswith("{") else "csv"
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "line"
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {loc!r}")
+        elif err.get("type") == "missing":
+            parts.append(f"missing field {loc!r}")
+        else:
+            parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def _split_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split("|") if p.strip()]
+
+
+def csv_row_to_dict(header: list[str], row: list[str]) -> dict[str, Any]:
+    """A CSV row as a line dict; lists use ``|`` (``a.jpg|b.jpg``, ``0.3|0.7``)."""
+    if len(row) > len(header):
+        raise InvalidItem(f"{len(row)} cells but the header has {len(header)} columns")
+    out: dict[str, Any] = {}
+    for name, cell in zip(header, row):
+        cell = cell.strip()
+        if cell == "":
+            continue
+        if name == "style" and "|" in cell:
+            out[name] = _split_list(cell)
+        elif name == "style_weights":
+            try:
+                out[name] = [float(x) for x in _split_list(cell.replace(";", "|"))]
+            except ValueError:
+                raise InvalidItem(f"style_weights: not numbers: {cell!r}") from None
+        else:
+            out[name] = cell
+    return out
+
+
+def parse_csv_header(text: str) -> list[str]:
+    """Column names of a CSV header line."""
+    return [h.strip() for h in next(csv.reader([text]), [])]
+
+
+def parse_line(text: str, fmt: ManifestFormat, header: list[str] | None = None
+               ) -> dict[str, Any]:
+    """Raw fields of one non-blank line; InvalidItem when it is not an object."""
+    if fmt == "jsonl":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidItem(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(obj, dict):
+            raise InvalidItem(f"a line must be a JSON object, not {type(obj).__name__}")
+        return obj
+    assert header is not None
+    try:
+        row = next(csv.reader([text]))
+    except csv.Error as exc:
+        raise InvalidItem(f"bad CSV: {exc}") from None
+    return csv_row_to_dict(header, row)
+
+
+def _stem(uri: str) -> str:
+    return os.path.splitext(parse(uri).name)[0] or "image"
+
+
+def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
+               options: JobOptions) -> Item:
+    """Validate one line's fields, resolve its URIs and name its output."""
+    try:
+        spec = LineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidItem(_pydantic_message(exc)) from None
+    styles = [spec.style] if isinstance(spec.style, str) else list(spec.style)
+    if spec.style_weights is not None and len(spec.style_weights) != len(styles):
+        raise InvalidItem(f"{len(spec.style_weights)} style_weights for {len(styles)} styles")
+    if (spec.content_mask is None) != (spec.style_mask is None):
+        raise InvalidItem("content_mask and style_mask go together")
+    if spec.content_mask is not None and len(styles) != 1:
+        raise InvalidItem("masks work with exactly one style")
+    fmt: OutputFormat = spec.format or options.format
+    content = resolve(spec.content, base)
+    styles = [resolve(s, base) for s in styles]
+    if spec.output:
+        ext = posixpath.splitext(spec.output)[1].lower().lstrip(".")
+        ext = "jpg" if ext == "jpeg" else ext
+        if ext and ext in OUTPUT_FORMATS:
+            if spec.format and ext != spec.format:
+                raise InvalidItem(f"output {spec.output!r} does not match format {spec.format!r}")
+            fmt = ext  # type: ignore[assignment]
+        elif ext:
+            raise InvalidItem(f"unsupported output extension .{ext}; use "
+                              + ", ".join("." + f for f in OUTPUT_FORMATS))
+        else:
+            spec_output = f"{spec.output}.{fmt}"
+            spec = spec.model_copy(update={"output": spec_output})
+        assert spec.output is not None
+        output = resolve(spec.output, join(output_prefix, "x"))
+    else:
+        name = f"{_stem(content)}__{'+'.join(_stem(s) for s in styles)}.{fmt}"
+        output = join(output_prefix, name)
+    reserved = join(output_prefix, RESERVED)
+    if output == reserved or output.startswith(reserved + "/"):
+        raise InvalidItem(f"outputs may not go under {RESERVED}/ (capvst's own folder)")
+    return Item(
+        line=line, id=spec.id, content=content, styles=styles,
+        style_weights=spec.style_weights, alpha_c=spec.alpha_c or 0.0,
+        mode=spec.mode or options.mode, max_size=spec.max_size or options.max_size,
+        content_mask=resolve(spec.content_mask, base) if spec.content_mask else None,
+        style_mask=resolve(spec.style_mask, base) if spec.style_mask else None,
+        output=output, format=fmt,
+    )
+
+
+def item_error(raw: dict[str, Any] | None, line: int, exc: CapvstError) -> ItemError:
+    """An :class:`ItemError` carrying whatever identifying fields the line had."""
+    raw = raw or {}
+
+    def text(key: str) -> str | None:
+        v = raw.get(key)
+        return v if isinstance(v, str) else None
+
+    style = raw.get("style")
+    if not (isinstance(style, str) or (isinstance(style, list)
+                                       and all(isinstance(s, str) for s in style))):
+        style = None
+    return ItemError(line=line, code=exc.code, message=exc.message, id=text("id"),
+                     content=text("content"), style=style, output=text("output"))
+
+
+@dataclass(frozen=True)
+class RawLine:
+    """A physical line: its 1-based number, text (None if unusable) and the offset after it."""
+
+    number: int
+    text: str | None
+    end: int
+    problem: str | None = None
+
+
+def iter_physical_lines(chunks: Iterator[bytes], start: int = 0, first_line: int = 1,
+                        max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawLine]:
+    """Split a byte stream into lines without ever buffering more than one line.
+
+    Lines over ``max_line_bytes`` and lines that are not UTF-8 come back with ``text=None``
+    and a ``problem``. A UTF-8 byte-order mark at offset 0 is dropped.
+    """
+    number, offset = first_line, start
+    buf = bytearray()
+    too_long = False
+    for chunk in chunks:
+        pos = 0
+        while pos < len(chunk):
+            nl = chunk.find(b"\n", pos)
+            piece = chunk[pos:] if nl < 0 else chunk[pos:nl]
+            if not too_long:
+                buf += piece
+                if len(buf) > max_line_bytes:
+                    too_long, buf = True, bytearray()
+            offset += len(piece)
+            if nl < 0:
+                break
+            offset += 1
+            pos = nl + 1
+            yield _finish(number, buf, too_long, offset, max_line_bytes, start, first_line)
+            number += 1
+            buf, too_long = bytearray(), False
+    if buf or too_long:
+        yield _finish(number, buf, too_long, offset, max_line_bytes, start, first_line)
+
+
+def _finish(number: int, buf: bytearray, too_long: bool, end: int, limit: int, start: int,
+            first_line: int) -> RawLine:
+    if too_long:
+        return RawLine(number, None, end, f"line is longer than {limit:,} bytes")
+    data = bytes(buf)
+    if number == first_line and start == 0 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.endswith(b"\r"):
+        data = data[:-1]
+    try:
+        return RawLine(number, data.decode("utf-8"), end)
+    except UnicodeDecodeError:
+        return RawLine(number, None, end, "line is not UTF-8 text")

@@ -1,0 +1,1 @@
+"""The scheduler service (manifest expansion, job finalisation) and the job client."""

@@ -1,0 +1,244 @@
+"""The job client behind ``capvst submit|status|report|cancel|resume``.
+
+Submitting sends one small message (``capvst.expand`` for the first slice) after storing the
+job record in Redis and in ``{output}/_capvst/{job}/job.json``; everything else is read from
+Redis, or rebuilt from object storage when Redis lost it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from capvst.errors import AccessDenied, CapvstError, InvalidItem, NotFound
+from capvst.jobs import Counts, JobRecord, JobStore, connect
+from capvst.manifest import JobOptions, detect_format
+from capvst.settings import Settings
+from capvst.storage import Storage, join, parse
+
+from .report import job_folder, report_uri
+
+
+class JobError(CapvstError):
+    """A job-level problem for the command line (exit code in ``exit_code``)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def new_job_id() -> str:
+    """Sortable, unique, safe in keys and paths: ``20261126-163954-a1b2c3``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class Client:
+    """Talks to Redis (job state, broker) and object storage for one user."""
+
+    settings: Settings
+
+    def __post_init__(self) -> None:
+        self.storage = Storage(self.settings, confine_local=False)
+        self.jobs = JobStore(connect(self.settings.broker_url, retry_seconds=10),
+                             int(self.settings.job_ttl_days * 86400))
+        from worker.app import create_app
+
+        self.app = create_app(self.settings)
+
+    def _send(self, name: str, kwargs: dict[str, Any], argsrepr: str) -> None:
+        self.app.send_task(name, kwargs=kwargs, argsrepr="()", kwargsrepr=argsrepr)
+
+    # -- submit --------------------------------------------------------------------------------
+    def submit(self, manifest: str, output: str | None = None,
+               options: JobOptions | None = None) -> JobRecord:
+        """Create a job for ``manifest`` and queue its expansion."""
+        options = options or JobOptions()
+        loc = parse(manifest)
+        is_plain_path = "://" not in manifest
+        try:
+            size = self.storage.size(manifest)
+        except CapvstError as exc:
+            raise JobError(f"manifest {manifest}: {exc.message}", 2) from None
+        if size is None:
+            raise JobError(f"manifest {manifest} does not exist", 2)
+        job = new_job_id()
+        base = loc.uri
+        if output is None:
+            stem = os.path.splitext(loc.name)[0] or "manifest"
+            output = join(posixpath.dirname(loc.uri) if loc.scheme == "s3"
+                          else os.path.dirname(loc.path), f"{stem}-output")
+        output = parse(output).uri.rstrip("/")
+        fmt = detect_format(manifest) if os.path.splitext(loc.path)[1].lower() in (
+            ".jsonl", ".ndjson", ".json", ".csv") else None
+        uri = loc.uri
+        if is_plain_path:
+            # a local file is uploaded next to the outputs; relative URIs in it still resolve
+            # against its original folder (recorded as the base)
+            ext = os.path.splitext(loc.path)[1] or ".jsonl"
+            uri = join(output, "_capvst", job, f"manifest{ext}")
+            try:
+                self.storage.upload_file(uri, loc.path)
+            except CapvstError as exc:
+                raise JobError(f"cannot upload the manifest to {uri}: {exc.message}", 2) from None
+        rec = JobRecord(id=job, manifest=uri, base=base, output=output, options=options,
+                        format=fmt, created=time.time())
+        try:
+            self.storage.write(join(job_folder(rec), "job.json"),
+                               rec.model_dump_json(indent=2).encode(),
+                               content_type="application/json")
+        except CapvstError as exc:
+            raise JobError(f"output prefix {output} is not writable: {exc.message}", 2) from None
+        self.jobs.create(rec)
+        self._send("capvst.expand", dict(job=job, epoch=0, offset=0, line=1),
+                   f"job={job} line=1")
+        return rec
+
+    # -- inspect -------------------------------------------------------------------------------
+    def record(self, job: str, output: str | None = None) -> JobRecord:
+        """The job's definition from Redis, else from ``{output}/_capvst/{job}/job.json``."""
+        rec = self.jobs.record_of(job)
+        if rec is not None:
+            return rec
+        if not output:
+            raise JobError(f"job {job} is not in Redis (unknown, expired or lost); pass "
+                           "--output PREFIX to read it from object storage")
+        uri = join(output, "_capvst", job, "job.json")
+        try:
+            return JobRecord.model_validate_json(self.storage.read(uri))
+        except NotFound:
+            raise JobError(f"no job {job} under {output} ({uri} does not exist)") from None
+
+    def counts(self, job: str) -> Counts:
+        """Progress of a job known to Redis."""
+        c = self.jobs.counts(job)
+        if c is None:
+            raise JobError(f"job {job} is not in Redis (unknown, expired or lost); "
+                           f"`capvst resume {job} --output PREFIX` rebuilds it")
+        return c
+
+    def status(self, job: str) -> dict[str, Any]:
+        """Counts, rate and ETA as a dict."""
+        c = self.counts(job)
+        f = self.jobs.fields(job)
+        now = c.finished or time.time()
+        elapsed = max(1e-9, now - (c.started or c.created))
+        rate = c.done / elapsed if c.done else 0.0
+        total = c.total if c.total is not None else c.expanded_items
+        eta = (total - c.done) / rate if rate > 0 and c.state not in ("done", "cancelled") \
+            else None
+        return {"job": job, "state": "cancelled" if c.state == "cancelled" else c.state,
+                "total": c.total, "expanded": c.expanded_items, "succeeded": c.succeeded,
+                "skipped": c.skipped, "failed": c.failed, "done": c.done,
+                "queued": max(0, total - c.done), "cancel_requested": c.cancelled,
+                "rate_per_second": round(rate, 3), "eta_seconds": None if eta is None
+                else round(eta, 1), "elapsed_seconds": round(elapsed, 1),
+                "manifest_error": f.get("manifest_error"), "valid": c.valid,
+                "report": f.get("report")}
+
+    def report(self, job: str, output: str | None = None) -> tuple[str, Iterator[dict[str, Any]]]:
+        """The report's URI and the failed items (from Redis, else from the report file)."""
+        rec = self.record(job, output)
+        uri = report_uri(rec)
+        if self.jobs.exists(job):
+            return uri, self.jobs.iter_failed(job)
+
+        def from_file() -> Iterator[dict[str, Any]]:
+            data = self.storage.read(uri)
+            for line in data.decode().splitlines():
+                r = json.loads(line)
+                if r.get("status") == "failed":
+                    yield r
+
+        return uri, from_file()
+
+    # -- control -------------------------------------------------------------------------------
+    def cancel(self, job: str) -> None:
+        """Stop a job: queued items fail with ``cancelled``, running ones finish."""
+        c = self.counts(job)
+        if c.state in ("done", "cancelled"):
+            raise JobError(f"job {job} already finished ({c.state})")
+        self.jobs.request_cancel(job)
+
+    def resume(self, job: str, output: str | None = None,
+               progress: Callable[[str], None] | None = None) -> JobRecord:
+        """Re-enqueue every item of the job that has no final result.
+
+        Works after Redis lost everything: the job record comes from ``job.json`` and the
+        results of finished chunks from ``_capvst/{job}/results/``; the manifest is expanded
+        again and items already final are not queued.
+        """
+        say = progress or (lambda _m: None)
+        rec = self.jobs.record_of(job)
+        if rec is None:
+            rec = self.record(job, output)
+            self.jobs.create(rec)
+            say(f"job {job} rebuilt from {join(job_folder(rec), 'job.json')}")
+        else:
+            c = self.counts(job)
+            if c.state == "done" and not c.cancelled:
+                raise JobError(f"job {job} already finished; nothing to resume", 0)
+        n = self.jobs.import_results(job, self._stored_results(rec))
+        if n:
+            say(f"recovered {n} results from object storage")
+        epoch = self.jobs.reset_for_resume(job)
+        self._send("capvst.expand", dict(job=job, epoch=epoch, offset=0, line=1),
+                   f"job={job} line=1 (resume)")
+        return rec
+
+    def _stored_results(self, rec: JobRecord) -> Iterator[dict[str, Any]]:
+        folder = join(job_folder(rec), "results")
+        try:
+            uris = list(self.storage.iter_uris(folder))
+        except (NotFound, AccessDenied, InvalidItem):
+            return
+        for uri in uris:
+            if not uri.endswith(".jsonl"):
+                continue
+            for line in self.storage.read(uri).decode().splitlines():
+                if line.strip():
+                    yield json.loads(line)
+
+    # -- wait ----------------------------------------------------------------------------------
+    def wait(self, job: str, show_progress: bool = True, poll: float = 0.5) -> dict[str, Any]:
+        """Block until the job is final; a live bar on stderr when asked."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn
+
+        console = Console(file=sys.stderr)
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+        with Progress(*columns, console=console, disable=not show_progress,
+                      transient=False) as bar:
+            task = bar.add_task(job, total=None, detail="")
+            while True:
+                st = self.status(job)
+                total = st["total"] if st["total"] is not None else None
+                eta = f" ETA {st['eta_seconds']:.0f}s" if st["eta_seconds"] is not None else ""
+                detail = (f"{st['failed']} failed, {st['skipped']} skipped, "
+                          f"{st['rate_per_second']:.2f}/s{eta}")
+                if st["total"] is None:
+                    detail += f" (expanding: {st['expanded']} items so far)"
+                bar.update(task, completed=st["done"], total=total, detail=detail,
+                           description=f"{job} {st['state']}")
+                if st["state"] in ("done", "cancelled"):
+                    return st
+                time.sleep(poll)
+
+
+def exit_code_for(st: dict[str, Any]) -> int:
+    """0 all good; 3 finished with failed items; 2 the manifest as a whole was unusable."""
+    if st.get("manifest_error") or not st.get("valid"):
+        return 2
+    return 3 if st.get("failed") else 0
+
+
+__all__ = ["Client", "JobError", "exit_code_for", "new_job_id"]

@@ -1,0 +1,260 @@
+"""Celery tasks: thin wrappers that validate a payload and call plain functions.
+
+``capvst.stylize`` runs on stylize workers (queue ``capvst.stylize``); ``capvst.expand`` and
+``capvst.finalize`` run on the scheduler (queue ``capvst.schedule``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+from billiard.exceptions import SoftTimeLimitExceeded
+from celery import Task, signals
+from celery.exceptions import Reject, TimeLimitExceeded
+from pydantic import BaseModel, ConfigDict
+
+from capvst.errors import TransientError
+from capvst.jobs import JobStore, connect
+from capvst.manifest import Item
+from capvst.types import Mode
+from capvst.settings import Settings
+from capvst.storage import Storage
+
+from . import app
+from .app import Queues, TaskNames
+
+if TYPE_CHECKING:
+    from capvst.model.checkpoint import LoadedModel
+
+log = logging.getLogger(__name__)
+
+_ROLE: str | None = None            # "stylize" or "schedule", decided in the worker's parent
+_MODELS: dict[Mode, LoadedModel] = {}
+_STATE: Any = None                   # runner.WorkerState, built lazily per process
+_SCHED: Any = None                   # scheduler.service.Context, built lazily per process
+_JOBS: JobStore | None = None
+
+
+def settings() -> Settings:
+    """The settings the app was built with."""
+    return app.conf.capvst_settings  # type: ignore[no-any-return]
+
+
+def job_store() -> JobStore:
+    """This process's job store (built after fork)."""
+    global _JOBS
+    if _JOBS is None:
+        s = settings()
+        _JOBS = JobStore(connect(s.broker_url), int(s.job_ttl_days * 86400))
+    return _JOBS
+
+
+def send(name: str, kwargs: dict[str, Any], argsrepr: str, countdown: float | None = None
+         ) -> None:
+    """Publish a task by name with a readable argument summary for Flower."""
+    app.send_task(name, kwargs=kwargs, argsrepr="()", kwargsrepr=argsrepr, countdown=countdown)
+
+
+def load_models(s: Settings) -> dict[Mode, LoadedModel]:
+    """Every configured mode's checkpoint, on the CPU (no CUDA before fork)."""
+    from capvst import load_model
+
+    out: dict[Mode, LoadedModel] = {}
+    store = Storage(s, confine_local=False)  # checkpoints are the operator's, not the user's
+    for mode in s.modes:
+        uri, pinned = s.checkpoint_for(mode)
+        out[mode] = load_model(mode, uri, expected_sha256=pinned, storage=store)
+        log.info("loaded %s model %s", mode, out[mode].model_id)
+    return out
+
+
+@signals.worker_init.connect
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    global _ROLE, _MODELS
+    queues = sender.app.amqp.queues
+    names = set((queues.consume_from or queues).keys())
+    _ROLE = "stylize" if Queues.STYLIZE.value in names else "schedule"
+    if _ROLE == "stylize":
+        # fail the worker's start, loudly, on a bad checkpoint rather than every item later
+        _MODELS = load_models(settings())
+
+
+@signals.worker_process_init.connect
+def _process_init(**_: Any) -> None:
+    if _ROLE == "stylize":
+        state = worker_state()
+        for mode in state.models:  # move to the device now, in the child
+            state.stylizer(mode)
+
+
+def worker_state() -> Any:
+    """This process's runner.WorkerState."""
+    global _STATE, _MODELS
+    if _STATE is None:
+        from .runner import WorkerState
+
+        s = settings()
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        if not _MODELS:
+            _MODELS = load_models(s)
+        _STATE = WorkerState(s, Storage(s), job_store(), _MODELS,
+                             name=os.environ.get("CAPVST_WORKER_NAME") or _hostname())
+    return _STATE
+
+
+def _hostname() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StylizePayload(BaseModel):
+    """Arguments of ``capvst.stylize``."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: str
+    items: list[Item]
+
+
+def _current_key(task_id: str) -> str:
+    return f"capvst:task:{task_id}:current"
+
+
+def _resend(job: str, items: list[Item], why: str) -> None:
+    if items:
+        send(TaskNames.STYLIZE.value, dict(job=job, items=[i.model_dump() for i in items]),
+             f"job={job} lines={items[0].line}.. items={len(items)} ({why})")
+
+
+def _finalize_due(job: str) -> None:
+    send(TaskNames.FINALIZE.value, dict(job=job), f"job={job}")
+
+
+class StylizeTask(Task):
+    """Handles the hard time limit, which kills the child: the item that was running fails
+    with ``timeout`` and the chunk's other unfinished items are queued again."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        try:
+            payload = StylizePayload.model_validate(kwargs)
+            jobs = job_store()
+            current = jobs.r.get(_current_key(task_id))
+            rest = []
+            for item in payload.items:
+                if jobs.result(payload.job, item.line) is not None:
+                    continue
+                if current is not None and str(item.line) == str(current):
+                    from .runner import _result
+
+                    res = _result(item, "failed", {
+                        "code": "timeout",
+                        "message": f"killed after the hard time limit of "
+                                   f"{settings().task_time_limit} s"},
+                        jobs.tries(payload.job, item.line), float(settings().task_time_limit),
+                        "", None)
+                    _changed, due = jobs.record(payload.job, res)
+                    if due:
+                        _finalize_due(payload.job)
+                else:
+                    rest.append(item)
+            _resend(payload.job, rest, "after a hard timeout")
+        except Exception:  # never let the parent's bookkeeping crash the worker
+            log.exception("could not account for a hard timeout of task %s", task_id)
+
+
+@app.task(name=TaskNames.STYLIZE.value, bind=True, base=StylizeTask)
+def stylize(self: Task, job: str, items: list[dict[str, Any]]) -> dict[str, int]:
+    """Stylize a chunk of one job's items."""
+    from .runner import process_item, write_chunk_results
+
+    payload = StylizePayload.model_validate({"job": job, "items": items})
+    task_id = self.request.id or "local"
+    try:
+        state = worker_state()
+        if self.request.hostname and not os.environ.get("CAPVST_WORKER_NAME"):
+            state.name = self.request.hostname  # the name Flower shows, e.g. stylize@node-3
+        ttl = settings().task_time_limit + 600
+        etags: dict[str, str | None] = {}
+        done = 0
+        for k, item in enumerate(payload.items):
+            started = time.monotonic()
+            try:
+                res = process_item(
+                    state, payload.job, item, etags, lambda: _finalize_due(payload.job),
+                    current=lambda line: state.jobs.r.set(_current_key(task_id), line, ex=ttl),
+                    passthrough=(SoftTimeLimitExceeded,))
+                done += res is not None
+            except SoftTimeLimitExceeded:
+                _soft_timeout(state, payload, k, time.monotonic() - started)
+                break
+        rec = state.jobs.record_of(payload.job)
+        if rec is not None:
+            write_chunk_results(state, payload.job, rec.output, task_id, payload.items)
+        state.jobs.r.delete(_current_key(task_id))
+        return {"items": len(payload.items), "processed": done}
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # the job store is unreachable even after retries: hand the task back, lose nothing
+        raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
+
+
+def _soft_timeout(state: Any, payload: StylizePayload, k: int, elapsed: float) -> None:
+    """The soft limit hit item ``k``: it fails with ``timeout`` if it used most of the time
+    itself, otherwise it and the rest go back to the queue with a fresh budget."""
+    from .runner import _record, _result
+
+    limit = settings().soft_time_limit
+    item = payload.items[k]
+    rest = payload.items[k + 1:]
+    if elapsed >= limit / 2:
+        if state.jobs.result(payload.job, item.line) is None:
+            model = state.models[item.mode].model_id if item.mode in state.models else None
+            _record(state, payload.job, _result(
+                item, "failed", {"code": "timeout",
+                                 "message": f"ran past the time limit of {limit} s"},
+                state.jobs.tries(payload.job, item.line), elapsed, state.name, model),
+                lambda: _finalize_due(payload.job))
+    else:
+        rest = payload.items[k:]
+    _resend(payload.job, rest, "after a soft timeout")
+
+
+def _scheduler() -> Any:
+    global _SCHED
+    if _SCHED is None:
+        from scheduler.service import Context
+
+        s = settings()
+        jobs = job_store()
+        _SCHED = Context(s, Storage(s), jobs, send,
+                         lambda: int(jobs.r.llen(Queues.STYLIZE.value)))
+    return _SCHED
+
+
+@app.task(name=TaskNames.EXPAND.value, bind=True,
+          autoretry_for=(TransientError, redis.ConnectionError, redis.TimeoutError),
+          retry_backoff=2, retry_backoff_max=60, max_retries=30)
+def expand(self: Task, job: str, epoch: int, offset: int, line: int) -> str:
+    """Expand one slice of a job's manifest."""
+    from scheduler.service import expand_slice
+
+    return expand_slice(_scheduler(), job, int(epoch), int(offset), int(line))
+
+
+@app.task(name=TaskNames.FINALIZE.value, bind=True,
+          autoretry_for=(TransientError, redis.ConnectionError, redis.TimeoutError),
+          retry_backoff=2, retry_backoff_max=60, max_retries=30)
+def finalize(self: Task, job: str) -> str:
+    """Write the report of a finished job."""
+    from scheduler.service import finalize_job
+
+    return finalize_job(_scheduler(), job)
