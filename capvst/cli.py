@@ -139,7 +139,8 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
             raise _Fail(exc.message, EXIT_USAGE) from None
         return [(args.contents[0], out)]
     fmt = args.format or "png"
-    pairs, seen = [], {}
+    pairs: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for c in args.contents:
         stem = os.path.splitext(parse(c).name)[0] or "output"
         if stem in seen:

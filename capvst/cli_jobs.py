@@ -82,6 +82,7 @@ def _print_summary(st: dict[str, Any], as_json: bool) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit, optionally wait."""
     from pydantic import ValidationError
+
     from scheduler.client import JobError, exit_code_for
 
     from .cli import _Fail

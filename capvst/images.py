@@ -11,9 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import BinaryIO, Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import CapvstError, InvalidItem
 from .images import DEFAULT_MAX_SIZE, MIN_SIDE, OUTPUT_FORMATS, OutputFormat
-from .types import Mode
 from .storage import join, parse, resolve
+from .types import Mode
 
 #: Longest accepted manifest line in bytes; longer lines fail alone (and are never buffered).
 MAX_LINE_BYTES = 64 * 1024

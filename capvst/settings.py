@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .types import Mode
+from .types import MODES, Mode
 
 
 class Settings(BaseSettings):
@@ -98,8 +98,8 @@ class Settings(BaseSettings):
         out: list[Mode] = []
         for m in self.worker_modes.split(","):
             m = m.strip()
-            if m == "photorealistic" or m == "artistic":
-                out.append(m)
+            if m in MODES:
+                out.append(m)  # type: ignore[arg-type]
             elif m:
                 raise ValueError(f"unknown mode {m!r} in CAPVST_WORKER_MODES")
         return tuple(out)

@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from .errors import AccessDenied, InvalidItem, NotFound, PermanentStorageError, StorageError, \
-    TooLarge
+from .errors import (
+    AccessDenied,
+    InvalidItem,
+    NotFound,
+    PermanentStorageError,
+    StorageError,
+    TooLarge,
+)
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -93,7 +99,7 @@ def resolve(ref: str, base: str) -> str:
     loc = parse(base)
     if loc.scheme == "s3":
         folder = posixpath.dirname(loc.path)
-        joined = posixpath.normpath(posixpath.join(folder, ref)) if folder else posixpath.normpath(ref)
+        joined = posixpath.normpath(posixpath.join(folder, ref) if folder else ref)
         if joined.startswith("../") or joined == "..":
             raise AccessDenied(f"{ref!r} points outside the bucket")
         return f"s3://{loc.bucket}/{joined}"

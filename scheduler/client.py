@@ -49,7 +49,7 @@ class Client:
         self.storage = Storage(self.settings, confine_local=False)
         self.jobs = JobStore(connect(self.settings.broker_url, retry_seconds=10),
                              int(self.settings.job_ttl_days * 86400))
-        from worker.app import create_app
+        from worker.config import create_app
 
         self.app = create_app(self.settings)
 
@@ -210,8 +210,13 @@ class Client:
     def wait(self, job: str, show_progress: bool = True, poll: float = 0.5) -> dict[str, Any]:
         """Block until the job is final; a live bar on stderr when asked."""
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         console = Console(file=sys.stderr)
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

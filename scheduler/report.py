@@ -108,10 +108,10 @@ def _thumb(storage: Storage, uri: str | None, cache: dict[str, str | None]) -> s
         return cache[uri]
     data_uri = None
     try:
-        img = Image.open(io.BytesIO(storage.read(uri, max_bytes=50_000_000)))
-        if img.width * img.height <= images.DEFAULT_MAX_PIXELS:
-            img.draft("RGB", (THUMB * 2, THUMB * 2))  # JPEGs decode at reduced scale
-            img = (ImageOps.exif_transpose(img) or img).convert("RGB")
+        opened = Image.open(io.BytesIO(storage.read(uri, max_bytes=50_000_000)))
+        if opened.width * opened.height <= images.DEFAULT_MAX_PIXELS:
+            opened.draft("RGB", (THUMB * 2, THUMB * 2))  # JPEGs decode at reduced scale
+            img = (ImageOps.exif_transpose(opened) or opened).convert("RGB")
             img.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=80)

@@ -40,3 +40,36 @@ def reference_cases() -> list[dict]:
     if REFERENCE is None:
         return [{"name": "missing-reference"}]
     return list(json.loads((REFERENCE / "cases.json").read_text())["cases"])
+
+
+# --- real services -----------------------------------------------------------------------------
+import uuid  # noqa: E402
+
+from tests.services import AWS_ENV, MotoServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """moto's S3 server over HTTP for the whole session (tests use their own buckets)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(moto_server):
+    """A boto3 client pointed at the moto server."""
+    import boto3
+
+    for k, v in AWS_ENV.items():
+        os.environ.setdefault(k, v)
+    return boto3.client("s3", endpoint_url=moto_server.url, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture
+def bucket(s3):
+    """A fresh bucket."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name

@@ -3,7 +3,7 @@ flower`` monitors them. ``app`` is the Celery application, configured from ``CAP
 
 from capvst.settings import Settings
 
-from .app import create_app
+from .config import create_app
 
 app = create_app(Settings())
 celery = app

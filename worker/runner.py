@@ -25,10 +25,10 @@ from capvst.errors import CapvstError, PermanentError, TransientError
 from capvst.jobs import JobStore
 from capvst.manifest import Item
 from capvst.model.checkpoint import LoadedModel
-from capvst.types import Mode
 from capvst.settings import Settings
 from capvst.storage import Storage, join
 from capvst.stylize import Stylizer
+from capvst.types import Mode
 
 log = logging.getLogger(__name__)
 

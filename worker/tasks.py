@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict
 from capvst.errors import TransientError
 from capvst.jobs import JobStore, connect
 from capvst.manifest import Item
-from capvst.types import Mode
 from capvst.settings import Settings
 from capvst.storage import Storage
+from capvst.types import Mode
 
 from . import app
-from .app import Queues, TaskNames
+from .config import Queues, TaskNames
 
 if TYPE_CHECKING:
     from capvst.model.checkpoint import LoadedModel
@@ -75,6 +75,8 @@ def load_models(s: Settings) -> dict[Mode, LoadedModel]:
 @signals.worker_init.connect
 def _worker_init(sender: Any = None, **_: Any) -> None:
     global _ROLE, _MODELS
+    if sender is None or sender.app is not app:
+        return  # another app's worker in this interpreter
     queues = sender.app.amqp.queues
     names = set((queues.consume_from or queues).keys())
     _ROLE = "stylize" if Queues.STYLIZE.value in names else "schedule"
@@ -172,7 +174,7 @@ class StylizeTask(Task):
             log.exception("could not account for a hard timeout of task %s", task_id)
 
 
-@app.task(name=TaskNames.STYLIZE.value, bind=True, base=StylizeTask)
+@app.task(name=TaskNames.STYLIZE.value, bind=True, base=StylizeTask, shared=False)
 def stylize(self: Task, job: str, items: list[dict[str, Any]]) -> dict[str, int]:
     """Stylize a chunk of one job's items."""
     from .runner import process_item, write_chunk_results
@@ -240,7 +242,7 @@ def _scheduler() -> Any:
     return _SCHED
 
 
-@app.task(name=TaskNames.EXPAND.value, bind=True,
+@app.task(name=TaskNames.EXPAND.value, bind=True, shared=False,
           autoretry_for=(TransientError, redis.ConnectionError, redis.TimeoutError),
           retry_backoff=2, retry_backoff_max=60, max_retries=30)
 def expand(self: Task, job: str, epoch: int, offset: int, line: int) -> str:
@@ -250,7 +252,7 @@ def expand(self: Task, job: str, epoch: int, offset: int, line: int) -> str:
     return expand_slice(_scheduler(), job, int(epoch), int(offset), int(line))
 
 
-@app.task(name=TaskNames.FINALIZE.value, bind=True,
+@app.task(name=TaskNames.FINALIZE.value, bind=True, shared=False,
           autoretry_for=(TransientError, redis.ConnectionError, redis.TimeoutError),
           retry_backoff=2, retry_backoff_max=60, max_retries=30)
 def finalize(self: Task, job: str) -> str:

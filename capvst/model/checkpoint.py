@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from .. import UNTRAINED  # noqa: E402  (one definition)
 from ..errors import CheckpointError
 from .revnet import MODES, Mode, RevNet, build_net
 
-from .. import UNTRAINED  # noqa: E402  (one definition)
 #: Seeds of the untrained fallback networks, fixed so every worker computes the same thing.
 UNTRAINED_SEEDS: dict[Mode, int] = {"photorealistic": 0, "artistic": 1}
 
@@ -48,7 +48,8 @@ def model_id_of(data: bytes) -> tuple[str, str]:
 def _unwrap(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(obj, Mapping):
         raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors)")
-    meta = obj.get("capvst") if isinstance(obj.get("capvst"), Mapping) else {}
+    found = obj.get("capvst")
+    meta: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping) or not sd:
         raise CheckpointError("checkpoint's 'state_dict' is not a dict of tensors")

@@ -170,7 +170,8 @@ class RevNet(nn.Module):
         blocks: list[RevBlock] = []
         for channel, depth, stride in zip(config.n_channels, config.n_blocks, config.n_strides):
             for i in range(depth):
-                blocks.append(RevBlock(channel, stride if i == 0 else 1, config.mult, config.kernel))
+                first_stride = stride if i == 0 else 1
+                blocks.append(RevBlock(channel, first_stride, config.mult, config.kernel))
         self.stack = nn.ModuleList(blocks)
         self.channel_reduction = ChannelRefinement(
             2 * config.n_channels[-1], config.hidden_dim, config.sp_steps, config.kernel

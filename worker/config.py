@@ -44,9 +44,9 @@ def transport_options(settings: Settings) -> dict[str, object]:
     }
 
 
-def create_app(settings: Settings) -> Celery:
+def create_app(settings: Settings, include: tuple[str, ...] = ("worker.tasks",)) -> Celery:
     """A configured Celery app for ``settings``."""
-    app = Celery("capvst", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("capvst", broker=settings.broker_url, include=list(include))
     opts = transport_options(settings)
     app.conf.update(
         task_serializer="json",
