@@ -93,7 +93,7 @@ repeat
     end
   end
 until cursor == '0'
-redis.call('HINCRBY', KEYS[1], 'n_failed', -removed)
+if removed > 0 then redis.call('HINCRBY', KEYS[1], 'n_failed', -removed) end
 return removed
 """
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import CapvstError, InvalidItem
+from .errors import AccessDenied, CapvstError, InvalidItem
 from .images import DEFAULT_MAX_SIZE, MIN_SIDE, OUTPUT_FORMATS, OutputFormat
 from .storage import join, parse, resolve
 from .types import Mode
@@ -58,6 +58,13 @@ class LineSpec(BaseModel):
     output: str | None = None
     format: OutputFormat | None = None
     id: str | None = Field(None, max_length=512)
+
+    @field_validator("alpha_c", "max_size", "style_weights", mode="before")
+    @classmethod
+    def _no_booleans(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+            raise ValueError("must be a number, not true/false")
+        return v
 
     @field_validator("style")
     @classmethod
@@ -228,6 +235,8 @@ def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
     else:
         name = f"{_stem(content)}__{'+'.join(_stem(s) for s in styles)}.{fmt}"
         output = join(output_prefix, name)
+    if not output.startswith(parse(output_prefix).uri.rstrip("/") + "/"):
+        raise AccessDenied(f"output {output} is outside the output prefix {output_prefix}")
     reserved = join(output_prefix, RESERVED)
     if output == reserved or output.startswith(reserved + "/"):
         raise InvalidItem(f"outputs may not go under {RESERVED}/ (capvst's own folder)")
@@ -284,7 +293,8 @@ def iter_physical_lines(chunks: Iterator[bytes], start: int = 0, first_line: int
             piece = chunk[pos:] if nl < 0 else chunk[pos:nl]
             if not too_long:
                 buf += piece
-                if len(buf) > max_line_bytes:
+                # room for a BOM and a '\r', which do not count; checked exactly in _finish
+                if len(buf) > max_line_bytes + 4:
                     too_long, buf = True, bytearray()
             offset += len(piece)
             if nl < 0:
@@ -307,6 +317,8 @@ def _finish(number: int, buf: bytearray, too_long: bool, end: int, limit: int, s
         data = data[3:]
     if data.endswith(b"\r"):
         data = data[:-1]
+    if len(data) > limit:
+        return RawLine(number, None, end, f"line is longer than {limit:,} bytes")
     try:
         return RawLine(number, data.decode("utf-8"), end)
     except UnicodeDecodeError:

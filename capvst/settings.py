@@ -18,7 +18,8 @@ from .types import MODES, Mode
 class Settings(BaseSettings):
     """Every knob of a capvst deployment; field ``x`` is read from ``CAPVST_X``."""
 
-    model_config = SettingsConfigDict(env_prefix="CAPVST_", extra="ignore")
+    # an empty variable means "not set" (compose and Kubernetes often pass empty strings)
+    model_config = SettingsConfigDict(env_prefix="CAPVST_", extra="ignore", env_ignore_empty=True)
 
     broker_url: str = "redis://localhost:6379/0"
     s3_endpoint_url: str | None = None

@@ -73,18 +73,21 @@ def parse(uri: str) -> Location:
         raise InvalidItem("empty URI")
     if "\x00" in uri:
         raise InvalidItem("URI contains a NUL byte")
-    parts = urlsplit(uri)
-    if parts.scheme == "s3":
-        if not parts.netloc:
+    # split by hand: '#' and '?' are legal in keys and file names, not fragments or queries
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket:
             raise InvalidItem(f"no bucket in {uri!r}")
-        key = parts.path.lstrip("/")
+        key = key.lstrip("/")
         if any(seg == ".." for seg in key.split("/")):
             raise AccessDenied(f"'..' is not allowed in object keys: {uri}")
-        return Location("s3", parts.netloc, key)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
+        return Location("s3", bucket, key)
+    if uri.startswith("file://"):
+        host, slash, path = uri[len("file://"):].partition("/")
+        if host not in ("", "localhost"):
             raise InvalidItem(f"file URIs must be local: {uri!r}")
-        return Location("file", "", os.path.abspath(unquote(parts.path)))
+        return Location("file", "", os.path.abspath(unquote(slash + path)))
+    parts = urlsplit(uri)
     if parts.scheme and len(parts.scheme) > 1:
         raise InvalidItem(f"unsupported URI scheme {parts.scheme!r} in {uri!r}; "
                           "use s3://, file:// or a local path")
@@ -93,9 +96,11 @@ def parse(uri: str) -> Location:
 
 def resolve(ref: str, base: str) -> str:
     """``ref`` relative to the folder of URI ``base`` (absolute refs are returned as they are)."""
-    parts = urlsplit(ref)
-    if (parts.scheme and len(parts.scheme) > 1) or os.path.isabs(ref):
+    if ref.startswith(("s3://", "file://")) or os.path.isabs(ref):
         return ref
+    scheme = urlsplit(ref).scheme
+    if scheme and len(scheme) > 1 and ref.startswith(scheme + "://"):
+        return ref  # another scheme: refused with a clear message when parsed
     loc = parse(base)
     if loc.scheme == "s3":
         folder = posixpath.dirname(loc.path)
@@ -103,7 +108,7 @@ def resolve(ref: str, base: str) -> str:
         if joined.startswith("../") or joined == "..":
             raise AccessDenied(f"{ref!r} points outside the bucket")
         return f"s3://{loc.bucket}/{joined}"
-    return Path(os.path.normpath(os.path.join(os.path.dirname(loc.path), unquote(ref)))).as_uri()
+    return Path(os.path.normpath(os.path.join(os.path.dirname(loc.path), ref))).as_uri()
 
 
 def join(prefix: str, *names: str) -> str:
@@ -153,7 +158,7 @@ class Storage:
                 raise AccessDenied("local paths are refused here; set CAPVST_LOCAL_ROOT to allow "
                                    "a folder")
             real = os.path.realpath(loc.path)
-            if real != self._root and not real.startswith(self._root + os.sep):
+            if real != self._root and not real.startswith(self._root.rstrip(os.sep) + os.sep):
                 raise AccessDenied(f"{loc.path} is outside CAPVST_LOCAL_ROOT")
             return Location("file", "", real)
         return loc
@@ -440,7 +445,8 @@ class Storage:
                                 Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
                                                       multipart_chunksize=MULTIPART_CHUNK))
         except Exception as exc:
-            inner = getattr(exc, "last_exception", None) or getattr(exc, "__cause__", None)
+            # boto3 wraps the real error (S3UploadFailedError) without chaining it
+            inner = exc.__cause__ or exc.__context__
             raise self._s3_error(inner if isinstance(inner, Exception) else exc, loc,
                                  "writing") from None
 

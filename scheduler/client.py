@@ -15,15 +15,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from capvst.errors import AccessDenied, CapvstError, InvalidItem, NotFound
+from capvst.errors import AccessDenied, CapvstError, InvalidItem, NotFound, TransientError
 from capvst.jobs import Counts, JobRecord, JobStore, connect
 from capvst.manifest import JobOptions, detect_format
+from capvst.retry import with_retries
 from capvst.settings import Settings
 from capvst.storage import Storage, join, parse
 
 from .report import job_folder, report_uri
+
+T = TypeVar("T")
 
 
 class JobError(CapvstError):
@@ -53,6 +56,13 @@ class Client:
 
         self.app = create_app(self.settings)
 
+    def _retry(self, fn: Callable[[], T]) -> T:
+        s = self.settings
+        return with_retries(fn, s.task_max_retries + 1, s.retry_backoff, s.retry_backoff_max)
+
+    def _read(self, uri: str) -> bytes:
+        return self._retry(lambda: self.storage.read(uri))
+
     def _send(self, name: str, kwargs: dict[str, Any], argsrepr: str) -> None:
         self.app.send_task(name, kwargs=kwargs, argsrepr="()", kwargsrepr=argsrepr)
 
@@ -64,7 +74,7 @@ class Client:
         loc = parse(manifest)
         is_plain_path = "://" not in manifest
         try:
-            size = self.storage.size(manifest)
+            size = self._retry(lambda: self.storage.size(manifest))
         except CapvstError as exc:
             raise JobError(f"manifest {manifest}: {exc.message}", 2) from None
         if size is None:
@@ -85,15 +95,17 @@ class Client:
             ext = os.path.splitext(loc.path)[1] or ".jsonl"
             uri = join(output, "_capvst", job, f"manifest{ext}")
             try:
-                self.storage.upload_file(uri, loc.path)
+                self._retry(lambda: self.storage.upload_file(uri, loc.path))
             except CapvstError as exc:
                 raise JobError(f"cannot upload the manifest to {uri}: {exc.message}", 2) from None
         rec = JobRecord(id=job, manifest=uri, base=base, output=output, options=options,
                         format=fmt, created=time.time())
         try:
-            self.storage.write(join(job_folder(rec), "job.json"),
-                               rec.model_dump_json(indent=2).encode(),
-                               content_type="application/json")
+            self._retry(lambda: self.storage.write(
+                join(job_folder(rec), "job.json"), rec.model_dump_json(indent=2).encode(),
+                content_type="application/json"))
+        except TransientError as exc:
+            raise JobError(f"cannot write to {output}: {exc.message}", 1) from None
         except CapvstError as exc:
             raise JobError(f"output prefix {output} is not writable: {exc.message}", 2) from None
         self.jobs.create(rec)
@@ -112,7 +124,7 @@ class Client:
                            "--output PREFIX to read it from object storage")
         uri = join(output, "_capvst", job, "job.json")
         try:
-            return JobRecord.model_validate_json(self.storage.read(uri))
+            return JobRecord.model_validate_json(self._retry(lambda: self.storage.read(uri)))
         except NotFound:
             raise JobError(f"no job {job} under {output} ({uri} does not exist)") from None
 
@@ -151,7 +163,7 @@ class Client:
             return uri, self.jobs.iter_failed(job)
 
         def from_file() -> Iterator[dict[str, Any]]:
-            data = self.storage.read(uri)
+            data = self._retry(lambda: self.storage.read(uri))
             for line in data.decode().splitlines():
                 r = json.loads(line)
                 if r.get("status") == "failed":
@@ -196,13 +208,14 @@ class Client:
     def _stored_results(self, rec: JobRecord) -> Iterator[dict[str, Any]]:
         folder = join(job_folder(rec), "results")
         try:
-            uris = list(self.storage.iter_uris(folder))
+            uris = self._retry(lambda: list(self.storage.iter_uris(folder)))
         except (NotFound, AccessDenied, InvalidItem):
             return
         for uri in uris:
             if not uri.endswith(".jsonl"):
                 continue
-            for line in self.storage.read(uri).decode().splitlines():
+            data = self._read(uri)
+            for line in data.decode().splitlines():
                 if line.strip():
                     yield json.loads(line)
 

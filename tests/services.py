@@ -99,6 +99,7 @@ class RedisServer:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
         try:
             s.bind(("127.0.0.1", port))
             return True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import socket
 import threading
 import time
@@ -25,6 +24,7 @@ from capvst.errors import CapvstError, PermanentError, TransientError
 from capvst.jobs import JobStore
 from capvst.manifest import Item
 from capvst.model.checkpoint import LoadedModel
+from capvst.retry import backoff_delay
 from capvst.settings import Settings
 from capvst.storage import Storage, join
 from capvst.stylize import Stylizer
@@ -67,12 +67,6 @@ def _result(item: Item, status: str, error: dict[str, str] | None, attempts: int
             "style": item.style_field, "output": item.output, "status": status,
             "error": error, "attempts": attempts, "seconds": round(seconds, 4),
             "worker": worker, "model": model}
-
-
-def backoff(settings: Settings, attempt: int) -> float:
-    """Exponential backoff with full jitter for retry number ``attempt`` (0-based)."""
-    cap = min(settings.retry_backoff_max, settings.retry_backoff * (2 ** attempt))
-    return random.uniform(cap / 2, cap)
 
 
 def _stylize_once(state: WorkerState, item: Item, etags: dict[str, str | None]) -> str:
@@ -143,7 +137,7 @@ def process_item(state: WorkerState, job: str, item: Item, etags: dict[str, str 
         except TransientError as exc:
             error = exc.as_dict()
             if attempt < s.task_max_retries:
-                delay = backoff(s, attempt)
+                delay = backoff_delay(attempt, s.retry_backoff, s.retry_backoff_max)
                 log.warning("line %s: %s; retry %d in %.1fs", item.line, exc.message,
                             attempt + 1, delay)
                 time.sleep(delay)

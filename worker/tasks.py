@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded
-from celery import Task, signals
+from celery import Task
+from celery import signals as celery_signals
 from celery.exceptions import Reject, TimeLimitExceeded
 from pydantic import BaseModel, ConfigDict
 
-from capvst.errors import TransientError
+from capvst.errors import CapvstError, TransientError
 from capvst.jobs import JobStore, connect
 from capvst.manifest import Item
 from capvst.settings import Settings
@@ -72,7 +74,7 @@ def load_models(s: Settings) -> dict[Mode, LoadedModel]:
     return out
 
 
-@signals.worker_init.connect
+@celery_signals.worker_init.connect
 def _worker_init(sender: Any = None, **_: Any) -> None:
     global _ROLE, _MODELS
     if sender is None or sender.app is not app:
@@ -81,16 +83,30 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
     names = set((queues.consume_from or queues).keys())
     _ROLE = "stylize" if Queues.STYLIZE.value in names else "schedule"
     if _ROLE == "stylize":
-        # fail the worker's start, loudly, on a bad checkpoint rather than every item later
-        _MODELS = load_models(settings())
+        # a bad checkpoint stops the worker's start, loudly, rather than failing every item;
+        # Celery only logs exceptions from signal handlers, so leave with SystemExit
+        try:
+            _MODELS = load_models(settings())
+        except CapvstError as exc:
+            log.critical("capvst worker cannot start: %s", exc.message)
+            raise SystemExit(f"capvst worker cannot start: {exc.message}") from None
 
 
-@signals.worker_process_init.connect
+@celery_signals.worker_process_init.connect
 def _process_init(**_: Any) -> None:
-    if _ROLE == "stylize":
+    if _ROLE != "stylize":
+        return
+    try:
         state = worker_state()
-        for mode in state.models:  # move to the device now, in the child
-            state.stylizer(mode)
+        for mode in state.models:  # move to the device now, in the child, never the parent
+            st = state.stylizer(mode)
+            log.info("%s model %s ready on %s", mode, st.model_id, st.device)
+    except Exception as exc:
+        # a process that cannot use its device must not drain the queue with failures:
+        # stop the whole worker (warm shutdown hands back what it holds)
+        log.critical("stylize process cannot start (%s); stopping the worker", exc)
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(1)
 
 
 def worker_state() -> Any:
@@ -106,8 +122,7 @@ def worker_state() -> Any:
             torch.set_num_threads(s.torch_threads)
         if not _MODELS:
             _MODELS = load_models(s)
-        _STATE = WorkerState(s, Storage(s), job_store(), _MODELS,
-                             name=os.environ.get("CAPVST_WORKER_NAME") or _hostname())
+        _STATE = WorkerState(s, Storage(s), job_store(), _MODELS, name=_hostname())
     return _STATE
 
 
@@ -183,7 +198,7 @@ def stylize(self: Task, job: str, items: list[dict[str, Any]]) -> dict[str, int]
     task_id = self.request.id or "local"
     try:
         state = worker_state()
-        if self.request.hostname and not os.environ.get("CAPVST_WORKER_NAME"):
+        if self.request.hostname:
             state.name = self.request.hostname  # the name Flower shows, e.g. stylize@node-3
         ttl = settings().task_time_limit + 600
         etags: dict[str, str | None] = {}
@@ -207,6 +222,25 @@ def stylize(self: Task, job: str, items: list[dict[str, Any]]) -> dict[str, int]
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # the job store is unreachable even after retries: hand the task back, lose nothing
         raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
+    except CapvstError as exc:
+        # this process cannot stylize at all (e.g. its model failed to load): the chunk's
+        # unfinished items fail with the reason rather than vanishing with an acked message
+        log.error("task %s: %s", task_id, exc.message)
+        _fail_unfinished(payload, exc.code, exc.message)
+        return {"items": len(payload.items), "processed": 0}
+
+
+def _fail_unfinished(payload: StylizePayload, code: str, message: str) -> None:
+    from .runner import _result
+
+    jobs = job_store()
+    for item in payload.items:
+        if jobs.result(payload.job, item.line) is None:
+            _changed, due = jobs.record(payload.job, _result(
+                item, "failed", {"code": code, "message": message},
+                jobs.tries(payload.job, item.line), 0.0, "", None))
+            if due:
+                _finalize_due(payload.job)
 
 
 def _soft_timeout(state: Any, payload: StylizePayload, k: int, elapsed: float) -> None:

@@ -1,0 +1,67 @@
+"""Redis restarted in the middle of a job, with and without persistence."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.reliability.helpers import (
+    assert_exact,
+    put_inputs,
+    put_manifest,
+    simple_lines,
+    submit,
+    wait_done,
+)
+from tests.services import Cluster, wait_for
+
+N = 8
+
+
+def _progressed(c: Cluster, job: str, n: int) -> bool:
+    return c.redis.client().hlen(f"capvst:job:{job}:results") >= n
+
+
+def test_restart_with_persistence_job_completes(tmp_path, moto_server, s3, vbucket):
+    c = Cluster(tmp_path, moto_server.url, persist=True, visibility_timeout="10",
+                task_time_limit="8", chunk_size="1")
+    try:
+        put_inputs(s3, vbucket, N, size=256)
+        manifest = put_manifest(s3, vbucket, simple_lines(N))
+        c.scheduler().wait_ready()
+        c.worker("w1").wait_ready()
+        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "256")
+        wait_for(lambda: _progressed(c, job, 2), 60, "two items to finish")
+        c.redis.restart()  # SIGKILL, then start again from the append-only file
+        st = wait_done(c, job, timeout=150)
+        assert (st["total"], st["failed"]) == (N, 0)
+        rows = assert_exact(s3, vbucket, "out", job, N, allowed=("succeeded", "skipped"))
+        assert sum(r["status"] == "succeeded" for r in rows) >= N - 1
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("restarts", [1])
+def test_restart_without_persistence_resume_completes(tmp_path, moto_server, s3, vbucket,
+                                                      restarts):
+    c = Cluster(tmp_path, moto_server.url, visibility_timeout="10", task_time_limit="8",
+                chunk_size="1")
+    try:
+        put_inputs(s3, vbucket, N, size=256)
+        manifest = put_manifest(s3, vbucket, simple_lines(N))
+        c.scheduler().wait_ready()
+        c.worker("w1").wait_ready()
+        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "256")
+        wait_for(lambda: _progressed(c, job, 3), 60, "three items to finish")
+        c.redis.restart()  # everything in Redis is gone: queue, job state
+        assert not c.redis.client().exists(f"capvst:job:{job}")
+        proc = c.capvst("resume", job, "--output", f"s3://{vbucket}/out", "--wait",
+                        timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        assert "rebuilt" in proc.stderr and "recovered" in proc.stderr
+        rows = assert_exact(s3, vbucket, "out", job, N, allowed=("succeeded", "skipped"))
+        # items whose chunk had finished keep their real status from object storage
+        assert sum(r["status"] == "succeeded" for r in rows) >= 2
+        st = wait_done(c, job)
+        assert (st["total"], st["succeeded"] + st["skipped"], st["failed"]) == (N, N, 0)
+    finally:
+        c.stop()
