@@ -239,22 +239,24 @@ class JobStore:
         and a line re-claiming its own output keeps it)."""
         if not claims:
             return []
+        key = self.key(job, "outputs")
         pipe = self.r.pipeline(transaction=False)
         for out, line in claims:
-            pipe.hsetnx(self.key(job, "outputs"), out, line)
-        for out, _ in claims:
-            pipe.hget(self.key(job, "outputs"), out)
-        res = pipe.execute()
-        return [int(v) for v in res[len(claims):]]
+            pipe.hsetnx(key, out, line)
+        won = pipe.execute()
+        owners = [line if ok else None for (_out, line), ok in zip(claims, won)]
+        lost = [i for i, o in enumerate(owners) if o is None]
+        if lost:  # already claimed: by this line on an earlier pass, or by another line
+            for i, v in zip(lost, self.r.hmget(key, [claims[i][0] for i in lost])):
+                owners[i] = int(v)  # type: ignore[arg-type]
+        return [int(o) for o in owners]  # type: ignore[arg-type]
 
     def final_lines(self, job: str, lines: Sequence[int]) -> list[bool]:
         """Which of ``lines`` already have a result."""
         if not lines:
             return []
-        pipe = self.r.pipeline(transaction=False)
-        for ln in lines:
-            pipe.hexists(self.key(job, "results"), str(ln))
-        return [bool(x) for x in pipe.execute()]
+        values = self.r.hmget(self.key(job, "results"), [str(ln) for ln in lines])
+        return [v is not None for v in values]  # type: ignore[union-attr]
 
     # -- items ---------------------------------------------------------------------------------
     def start_item(self, job: str, line: int) -> int:

@@ -16,9 +16,8 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote_from_bytes, unquote, urlsplit
 
 from .errors import (
     AccessDenied,
@@ -46,6 +45,11 @@ _DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId
                  "SignatureDoesNotMatch", "AccountProblem", "InvalidObjectState"}
 
 
+def file_uri(path: str) -> str:
+    """``file://`` URI of an absolute path (what ``Path.as_uri`` gives, without its cost)."""
+    return "file://" + quote_from_bytes(os.fsencode(path))
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed URI: ``scheme`` is ``s3`` or ``file``; ``path`` is the key or absolute path."""
@@ -59,7 +63,7 @@ class Location:
         """Canonical URI."""
         if self.scheme == "s3":
             return f"s3://{self.bucket}/{self.path}"
-        return Path(self.path).as_uri()
+        return file_uri(self.path)
 
     @property
     def name(self) -> str:
@@ -108,7 +112,7 @@ def resolve(ref: str, base: str) -> str:
         if joined.startswith("../") or joined == "..":
             raise AccessDenied(f"{ref!r} points outside the bucket")
         return f"s3://{loc.bucket}/{joined}"
-    return Path(os.path.normpath(os.path.join(os.path.dirname(loc.path), ref))).as_uri()
+    return file_uri(os.path.normpath(os.path.join(os.path.dirname(loc.path), ref)))
 
 
 def join(prefix: str, *names: str) -> str:
@@ -117,7 +121,7 @@ def join(prefix: str, *names: str) -> str:
     if loc.scheme == "s3":
         key = posixpath.join(loc.path, *names) if loc.path else posixpath.join(*names)
         return f"s3://{loc.bucket}/{key}"
-    return Path(os.path.join(loc.path, *names)).as_uri()
+    return file_uri(os.path.normpath(os.path.join(loc.path, *names)))
 
 
 def _client_error_code(exc: Exception) -> str:
@@ -308,7 +312,7 @@ class Storage:
             for root, _dirs, files in os.walk(loc.path):
                 for f in files:
                     if not f.startswith(".capvst-"):
-                        yield Path(os.path.join(root, f)).as_uri()
+                        yield file_uri(os.path.join(root, f))
             return
         key = loc.path.rstrip("/") + "/"
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=key)
