@@ -79,6 +79,15 @@ def _print_summary(st: dict[str, Any], as_json: bool) -> None:
         _info(f"report: {st['report']}")
 
 
+def _progress_style(as_json: bool) -> str:
+    """A live bar on a terminal, periodic lines in logs, nothing with --json."""
+    if as_json:
+        return "none"
+    if sys.stderr.isatty() or os.environ.get("CAPVST_PROGRESS") == "bar":
+        return "bar"
+    return "lines"
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit, optionally wait."""
     from pydantic import ValidationError
@@ -102,8 +111,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
               flush=True)
     if not args.wait:
         return 0
-    st = client.wait(rec.id, show_progress=not args.json and sys.stderr.isatty() or
-                     os.environ.get("CAPVST_PROGRESS") == "1")
+    st = client.wait(rec.id, progress=_progress_style(args.json))
     st["exit_code"] = exit_code_for(st)
     _print_summary(st, args.json)
     return int(st["exit_code"])
@@ -187,7 +195,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _info(f"job {rec.id} resumed")
     if not args.wait:
         return 0
-    st = client.wait(rec.id, show_progress=sys.stderr.isatty())
+    st = client.wait(rec.id, progress=_progress_style(False))
     st["exit_code"] = exit_code_for(st)
     _print_summary(st, False)
     return int(st["exit_code"])

@@ -220,8 +220,11 @@ class Client:
                     yield json.loads(line)
 
     # -- wait ----------------------------------------------------------------------------------
-    def wait(self, job: str, show_progress: bool = True, poll: float = 0.5) -> dict[str, Any]:
-        """Block until the job is final; a live bar on stderr when asked."""
+    def wait(self, job: str, progress: str = "bar", poll: float = 0.5,
+             line_every: float = 10.0) -> dict[str, Any]:
+        """Block until the job is final. ``progress``: ``bar`` (a live bar on stderr),
+        ``lines`` (a plain progress line on stderr every ``line_every`` seconds, for logs) or
+        ``none``."""
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -234,22 +237,34 @@ class Client:
         console = Console(file=sys.stderr)
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
-        with Progress(*columns, console=console, disable=not show_progress,
+        last_line = 0.0
+        with Progress(*columns, console=console, disable=progress != "bar",
                       transient=False) as bar:
             task = bar.add_task(job, total=None, detail="")
             while True:
                 st = self.status(job)
-                total = st["total"] if st["total"] is not None else None
-                eta = f" ETA {st['eta_seconds']:.0f}s" if st["eta_seconds"] is not None else ""
-                detail = (f"{st['failed']} failed, {st['skipped']} skipped, "
-                          f"{st['rate_per_second']:.2f}/s{eta}")
-                if st["total"] is None:
-                    detail += f" (expanding: {st['expanded']} items so far)"
-                bar.update(task, completed=st["done"], total=total, detail=detail,
+                detail = _progress_detail(st)
+                bar.update(task, completed=st["done"], total=st["total"], detail=detail,
                            description=f"{job} {st['state']}")
-                if st["state"] in ("done", "cancelled"):
+                final = st["state"] in ("done", "cancelled")
+                now = time.monotonic()
+                if progress == "lines" and (final or now - last_line >= line_every):
+                    total = st["total"] if st["total"] is not None else f"{st['expanded']}+"
+                    print(f"{job} {st['state']}: {st['done']}/{total} done, {detail}",
+                          file=sys.stderr, flush=True)
+                    last_line = now
+                if final:
                     return st
                 time.sleep(poll)
+
+
+def _progress_detail(st: dict[str, Any]) -> str:
+    eta = f" ETA {st['eta_seconds']:.0f}s" if st["eta_seconds"] is not None else ""
+    detail = (f"{st['failed']} failed, {st['skipped']} skipped, "
+              f"{st['rate_per_second']:.2f}/s{eta}")
+    if st["total"] is None:
+        detail += f" (expanding: {st['expanded']} items so far)"
+    return detail
 
 
 def exit_code_for(st: dict[str, Any]) -> int:

@@ -35,7 +35,7 @@ pids+=($!)
 
 echo "submitting $demo/inputs/manifest.jsonl (logs in $demo/logs)" >&2
 rc=0
-job=$(CAPVST_PROGRESS=1 capvst-submit "$demo/inputs/manifest.jsonl" --output "$demo/outputs" --wait) || rc=$?
+job=$(CAPVST_PROGRESS=bar capvst-submit "$demo/inputs/manifest.jsonl" --output "$demo/outputs" --wait) || rc=$?
 echo >&2
 echo "outputs: $demo/outputs" >&2
 echo "report:  $demo/outputs/_capvst/$job/index.html" >&2

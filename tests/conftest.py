@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _reference_dir() -> Path | None:
-    candidates = [os.environ.get("CAPVST_REFERENCE_DIR"), REPO.parent / "shared" / "reference",
-                  "/work/shared/reference"]
+    explicit = os.environ.get("CAPVST_REFERENCE_DIR")
+    candidates = [explicit] if explicit else [REPO.parent / "shared" / "reference",
+                                              "/work/shared/reference"]
     for c in candidates:
         if c and (Path(c) / "cases.json").is_file():
             return Path(c)

@@ -99,6 +99,9 @@ def test_end_to_end(pipeline, s3, bucket, tmp_path, monkeypatch):
                            f"s3://{bucket}/{prefix}", "--max-size", "64", "--wait")
     assert proc.returncode == 3, proc.stderr
     job = proc.stdout.strip().splitlines()[0]
+    # not a terminal: progress comes as plain lines, then the summary
+    assert f"{job} done: 10/10 done, 2 failed" in proc.stderr
+    assert "8 succeeded, 0 skipped, 2 failed of 10 items" in proc.stderr
     report = _report(s3, bucket, prefix, job)
     assert [r["line"] for r in report] == list(range(1, len(lines) + 1))
     by_line = {r["line"]: r for r in report}
