@@ -19,7 +19,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   echo "installing ${CAPVST_TORCH:-torch==2.13.0} ..." >&2
   "$py" -m pip install -q --disable-pip-version-check "${CAPVST_TORCH:-torch==2.13.0}" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-  "$py" -c "import torch" || { echo "PyTorch did not install" >&2; exit 1; }
+  "$py" -W ignore -c "import torch" 2>/dev/null || { echo "PyTorch did not install" >&2; exit 1; }
 fi
 echo "installing capvst and its dependencies ..." >&2
 "$py" -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \

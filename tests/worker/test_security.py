@@ -83,3 +83,18 @@ def test_only_json_is_accepted():
     assert list(conf.accept_content) == ["json"]
     assert conf.task_serializer == conf.result_serializer == conf.event_serializer == "json"
     assert json.dumps(list(conf.accept_content))
+
+
+def test_worker_that_cannot_use_its_device_stops(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal needs a machine without it")
+    c = Cluster(tmp_path, None, device="cuda")
+    try:
+        w = c.worker("nogpu")
+        wait_for(lambda: w.proc.poll() is not None, 90, "the worker to stop")
+        assert w.proc.returncode != 0
+        assert "cannot start" in w.log() and "CUDA is not available" in w.log()
+    finally:
+        c.stop()
