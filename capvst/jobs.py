@@ -206,9 +206,7 @@ class JobStore:
         f = self.fields(job)
         if not f:
             return None
-        pipe = self.r.pipeline()
-        pipe.hvals(self.key(job, "slices"))
-        (slices,) = pipe.execute()
+        slices = self.r.hvals(self.key(job, "slices"))
 
         def num(name: str) -> float | None:
             v = f.get(name)
@@ -317,9 +315,8 @@ class JobStore:
     def reset_for_resume(self, job: str) -> int:
         """Restart expansion from the first line under a new epoch; un-cancel; returns the
         new epoch."""
-        removed = 0
         if self.cancelled(job):
-            removed = int(self._uncancel(keys=[self.key(job), self.key(job, "results")]))
+            self._uncancel(keys=[self.key(job), self.key(job, "results")])
         pipe = self.r.pipeline()
         pipe.hdel(self.key(job), "cancelled", "finalize_queued", "expanded", "finished")
         pipe.hincrby(self.key(job), "epoch", 1)
@@ -329,7 +326,6 @@ class JobStore:
         for k in self._all_keys(job):
             pipe.persist(k)
         res = pipe.execute()
-        del removed
         return int(res[1])
 
     def expire(self, job: str) -> None:

@@ -43,12 +43,8 @@ class Context:
 
 def failed_result(err: mf.ItemError | mf.Item, code: str, message: str) -> dict[str, Any]:
     """A report record for an item that never reached a worker."""
-    if isinstance(err, mf.Item):
-        return {"line": err.line, "id": err.id, "content": err.content,
-                "style": err.style_field, "output": err.output, "status": "failed",
-                "error": {"code": code, "message": message}, "attempts": 0, "seconds": 0.0,
-                "worker": None, "model": None}
-    return {"line": err.line, "id": err.id, "content": err.content, "style": err.style,
+    style = err.style_field if isinstance(err, mf.Item) else err.style
+    return {"line": err.line, "id": err.id, "content": err.content, "style": style,
             "output": err.output, "status": "failed",
             "error": {"code": code, "message": message}, "attempts": 0, "seconds": 0.0,
             "worker": None, "model": None}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from typing import Any
 
@@ -40,6 +39,17 @@ def submit(c: Cluster, manifest: str, output: str, *args: str) -> str:
     proc = c.submit(manifest, "--output", output, *args)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[0]
+
+
+def start_job(c: Cluster, s3, bucket: str, n: int, size: int,
+              lines: list[dict[str, Any]] | None = None, worker: bool = True):
+    """Inputs and manifest in S3, the scheduler (and worker ``w1``) ready, the job submitted
+    with ``--max-size size`` to ``s3://bucket/out``; returns (job id, w1 or None)."""
+    put_inputs(s3, bucket, n, size=size)
+    manifest = put_manifest(s3, bucket, lines if lines is not None else simple_lines(n))
+    c.scheduler().wait_ready()
+    w1 = c.worker("w1").wait_ready() if worker else None
+    return submit(c, manifest, f"s3://{bucket}/out", "--max-size", str(size)), w1
 
 
 def status(c: Cluster, job: str) -> dict[str, Any] | None:
@@ -102,6 +112,3 @@ def assert_exact(s3, bucket: str, prefix: str, job: str, n: int,
     assert summary["succeeded"] + summary["skipped"] + summary["failed"] == n
     return rows
 
-
-def settle(seconds: float) -> None:
-    time.sleep(seconds)

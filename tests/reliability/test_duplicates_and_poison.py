@@ -10,10 +10,7 @@ import uuid
 
 from tests.reliability.helpers import (
     assert_exact,
-    put_inputs,
-    put_manifest,
-    simple_lines,
-    submit,
+    start_job,
     wait_done,
 )
 from tests.services import Cluster, wait_for
@@ -24,10 +21,7 @@ N = 6
 def test_same_task_delivered_twice_concurrently(tmp_path, moto_server, s3, vbucket):
     c = Cluster(tmp_path, moto_server.url, chunk_size="2")
     try:
-        put_inputs(s3, vbucket, N, size=256)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "256")
+        job, _ = start_job(c, s3, vbucket, N, 256, worker=False)
         r = c.redis.client()
         wait_for(lambda: r.llen("capvst.stylize") == N // 2, 30, "the job's tasks to be queued")
         # duplicate every message at the broker: same task id and body, a new delivery tag,
@@ -75,11 +69,7 @@ def test_poison_item_fails_after_bounded_deliveries(tmp_path, moto_server, s3, v
     c = Cluster(tmp_path, moto_server.url, chunk_size="1", max_deliveries="3")
     stop = threading.Event()
     try:
-        put_inputs(s3, vbucket, N, size=192)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        w1 = c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "192")
+        job, w1 = start_job(c, s3, vbucket, N, 192)
         kills: list[int] = []
         killer = threading.Thread(target=_poison_killer, args=(c, job, 3, w1, stop, kills),
                                   daemon=True)

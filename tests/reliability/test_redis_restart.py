@@ -6,10 +6,7 @@ import pytest
 
 from tests.reliability.helpers import (
     assert_exact,
-    put_inputs,
-    put_manifest,
-    simple_lines,
-    submit,
+    start_job,
     wait_done,
 )
 from tests.services import Cluster, wait_for
@@ -25,11 +22,7 @@ def test_restart_with_persistence_job_completes(tmp_path, moto_server, s3, vbuck
     c = Cluster(tmp_path, moto_server.url, persist=True, visibility_timeout="10",
                 task_time_limit="8", chunk_size="1")
     try:
-        put_inputs(s3, vbucket, N, size=256)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "256")
+        job, _ = start_job(c, s3, vbucket, N, 256)
         wait_for(lambda: _progressed(c, job, 2), 60, "two items to finish")
         c.redis.restart()  # SIGKILL, then start again from the append-only file
         st = wait_done(c, job, timeout=150)
@@ -46,11 +39,7 @@ def test_restart_without_persistence_resume_completes(tmp_path, moto_server, s3,
     c = Cluster(tmp_path, moto_server.url, visibility_timeout="10", task_time_limit="8",
                 chunk_size="1")
     try:
-        put_inputs(s3, vbucket, N, size=256)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "256")
+        job, _ = start_job(c, s3, vbucket, N, 256)
         wait_for(lambda: _progressed(c, job, 3), 60, "three items to finish")
         c.redis.restart()  # everything in Redis is gone: queue, job state
         assert not c.redis.client().exists(f"capvst:job:{job}")

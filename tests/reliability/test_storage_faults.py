@@ -5,10 +5,7 @@ from __future__ import annotations
 from tests.faultproxy import FaultProxy
 from tests.reliability.helpers import (
     assert_exact,
-    put_inputs,
-    put_manifest,
-    simple_lines,
-    submit,
+    start_job,
     wait_done,
 )
 from tests.services import Cluster
@@ -20,11 +17,7 @@ def test_transient_faults_are_retried_until_success(tmp_path, moto_server, s3, v
     proxy = FaultProxy(moto_server.port, rate=0.3, seed=7).start()
     c = Cluster(tmp_path, proxy.url, chunk_size="2", s3_max_attempts="3")
     try:
-        put_inputs(s3, vbucket, N, size=96)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "96")
+        job, _ = start_job(c, s3, vbucket, N, 96)
         st = wait_done(c, job, timeout=240)
         assert (st["succeeded"], st["failed"]) == (N, 0), st
         assert_exact(s3, vbucket, "out", job, N)
@@ -42,11 +35,7 @@ def test_persistent_fault_fails_one_item_with_storage_error(tmp_path, moto_serve
     proxy = FaultProxy(moto_server.port, always=r"/in/c2\.jpg").start()
     c = Cluster(tmp_path, proxy.url, chunk_size="2", s3_max_attempts="2", task_max_retries="2")
     try:
-        put_inputs(s3, vbucket, N, size=96)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "96")
+        job, _ = start_job(c, s3, vbucket, N, 96)
         st = wait_done(c, job, timeout=240)
         assert (st["succeeded"], st["failed"]) == (N - 1, 1), st
         rows = assert_exact(s3, vbucket, "out", job, N, allowed=("succeeded", "failed"))

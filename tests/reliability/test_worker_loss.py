@@ -6,10 +6,7 @@ import signal
 
 from tests.reliability.helpers import (
     assert_exact,
-    put_inputs,
-    put_manifest,
-    simple_lines,
-    submit,
+    start_job,
     wait_done,
     wait_item_started,
 )
@@ -22,11 +19,7 @@ def test_sigkill_mid_task_is_redelivered(tmp_path, moto_server, s3, vbucket):
     c = Cluster(tmp_path, moto_server.url, visibility_timeout="8", task_time_limit="6",
                 chunk_size="2")
     try:
-        put_inputs(s3, vbucket, N, size=320)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        w1 = c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "320")
+        job, w1 = start_job(c, s3, vbucket, N, 320)
         victim = wait_item_started(c, job)
         w1.kill_group()  # the whole node: main process and pool child, no warning
         w2 = c.worker("w2").wait_ready()
@@ -45,11 +38,7 @@ def test_sigkill_mid_task_is_redelivered(tmp_path, moto_server, s3, vbucket):
 def test_sigterm_warm_shutdown_finishes_its_task(tmp_path, moto_server, s3, vbucket):
     c = Cluster(tmp_path, moto_server.url, chunk_size="2")
     try:
-        put_inputs(s3, vbucket, N, size=320)
-        manifest = put_manifest(s3, vbucket, simple_lines(N))
-        c.scheduler().wait_ready()
-        w1 = c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "320")
+        job, w1 = start_job(c, s3, vbucket, N, 320)
         busy = wait_item_started(c, job)
         w1.signal(signal.SIGTERM)
         wait_for(lambda: w1.proc.poll() is not None, 60, "w1 to shut down")
