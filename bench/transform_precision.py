@@ -1,5 +1,6 @@
 """What the opt-in float32 cWCT costs in accuracy and gains in speed, against float64 (the
-original's precision), on the reference cases when available, else the bundled examples.
+original's precision), on the reference cases in tests/data/reference (their weights are the
+seeded untrained networks), else the bundled examples.
 
     python bench/transform_precision.py [--device cuda] [--reference PATH]
 """
@@ -28,9 +29,10 @@ def _cases(ref: Path | None):  # type: ignore[no-untyped-def]
         for c in json.loads((ref / "cases.json").read_text())["cases"]:
             if "content_mask" in c or len(c["style"]) > 1 or "alpha_c" in c:
                 continue
+            weights = ref / "weights" / f"{c['weights']}.pt"
             yield (c["name"], c["mode"], ref / "images" / c["content"],
                    ref / "images" / c["style"][0], c["max_size"],
-                   ref / "weights" / f"{c['weights']}.pt")
+                   weights if weights.is_file() else None)
         return
     ex = HERE.parent / "capvst" / "examples"
     for mode in ("photorealistic", "artistic"):
@@ -40,9 +42,8 @@ def _cases(ref: Path | None):  # type: ignore[no-untyped-def]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--reference", default=os.environ.get("CAPVST_REFERENCE_DIR",
-                                                          str(HERE.parent.parent / "shared" /
-                                                              "reference")))
+    ap.add_argument("--reference", default=os.environ.get(
+        "CAPVST_REFERENCE_DIR", str(HERE.parent / "tests" / "data" / "reference")))
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     dev = resolve_device(args.device)

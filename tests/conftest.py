@@ -1,8 +1,7 @@
-"""Shared fixtures: the authors' reference data, and helpers for small test images."""
+"""Shared fixtures: the authors' reference data, checkpoint files and real services."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,36 +10,27 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _reference_dir() -> Path | None:
-    explicit = os.environ.get("CAPVST_REFERENCE_DIR")
-    candidates = [explicit] if explicit else [REPO.parent / "shared" / "reference",
-                                              "/work/shared/reference"]
-    for c in candidates:
-        if c and (Path(c) / "cases.json").is_file():
-            return Path(c)
-    return None
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """The original code's outputs (carried in tests/data/reference) with the reference
+    weights regenerated from their seeds as checkpoint files in ``weights/``."""
+    from tests.refdata import reference_tree
 
-
-REFERENCE = _reference_dir()
+    return reference_tree(tmp_path_factory.mktemp("reference"))
 
 
 @pytest.fixture(scope="session")
-def reference() -> Path:
-    """The folder of the original code's outputs; CI (CAPVST_REQUIRE_REFERENCE=1) must have it."""
-    if REFERENCE is None:
-        if os.environ.get("CAPVST_REQUIRE_REFERENCE") == "1":
-            pytest.fail("reference data (../shared/reference) is missing but "
-                        "CAPVST_REQUIRE_REFERENCE=1; set CAPVST_REFERENCE_DIR")
-        pytest.skip("no reference data on this machine (../shared/reference or "
-                    "CAPVST_REFERENCE_DIR); parity tests need the original code's outputs")
-    return REFERENCE
+def checkpoints(reference) -> dict[str, Path]:
+    """Checkpoint files in the authors' format for each mode (the reference weights)."""
+    return {"photorealistic": reference / "weights" / "photorealistic-seed0.pt",
+            "artistic": reference / "weights" / "artistic-seed1.pt"}
 
 
 def reference_cases() -> list[dict]:
-    """Cases of cases.json, or [] when the folder is missing (tests then skip or fail above)."""
-    if REFERENCE is None:
-        return [{"name": "missing-reference"}]
-    return list(json.loads((REFERENCE / "cases.json").read_text())["cases"])
+    """Cases of the reference data's cases.json."""
+    from tests.refdata import cases
+
+    return cases()
 
 
 # --- real services -----------------------------------------------------------------------------

@@ -101,3 +101,14 @@ def test_sha256_pin(tmp_path):
     assert load_file(path, "photorealistic", expected_sha256=digest.upper()).sha256 == digest
     with pytest.raises(CheckpointError, match="expected"):
         load_file(path, "photorealistic", expected_sha256="0" * 64)
+
+
+def test_regenerated_reference_weights_equal_the_original_files():
+    """The seeded untrained networks are the reference weights, tensor for tensor."""
+    import json
+
+    from tests.refdata import REFERENCE, WEIGHTS, state_dict_digest
+
+    recorded = json.loads((REFERENCE / "weights.sha256.json").read_text())
+    for name, mode in WEIGHTS.items():
+        assert state_dict_digest(untrained(mode).net.state_dict()) == recorded[name], name
