@@ -7,6 +7,7 @@ can also kill and restart it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -195,10 +196,15 @@ class Proc:
 
 
 class Cluster:
-    """Redis, the scheduler and workers sharing one environment; S3 from ``s3_url``."""
+    """Redis, the scheduler and workers sharing one environment; S3 from ``s3_url``.
+
+    Workers run as production runs them: with checkpoint files (the reference weights in the
+    authors' format) and PyTorch's default thread settings. ``untrained=True`` leaves the
+    checkpoints unset instead.
+    """
 
     def __init__(self, folder: Path, s3_url: str | None, persist: bool = False,
-                 **settings: str) -> None:
+                 untrained: bool = False, **settings: str) -> None:
         self.folder = folder
         self.redis = RedisServer(folder / "redis", persist=persist).start()
         self.procs: list[Proc] = []
@@ -210,9 +216,18 @@ class Cluster:
             "CAPVST_RETRY_BACKOFF": "0.05",
             "CAPVST_RETRY_BACKOFF_MAX": "0.5",
             "CAPVST_DEVICE": "cpu",
-            "CAPVST_TORCH_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        self.model_ids: dict[str, str] = {}
+        if not untrained:
+            from tests.refdata import write_weights
+
+            files = write_weights(folder / "weights")
+            for mode, name in (("photorealistic", "photorealistic-seed0"),
+                               ("artistic", "artistic-seed1")):
+                self.env[f"CAPVST_CHECKPOINT_{mode.upper()}"] = str(files[name])
+                digest = hashlib.sha256(files[name].read_bytes()).hexdigest()
+                self.model_ids[mode] = digest[:12]
         if s3_url:
             self.env["CAPVST_S3_ENDPOINT_URL"] = s3_url
         self.env.update({f"CAPVST_{k.upper()}": str(v) for k, v in settings.items()})

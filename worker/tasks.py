@@ -76,17 +76,23 @@ def load_models(s: Settings) -> dict[Mode, LoadedModel]:
 
 @celery_signals.worker_init.connect
 def _worker_init(sender: Any = None, **_: Any) -> None:
-    global _ROLE, _MODELS
+    global _ROLE
     if sender is None or sender.app is not app:
         return  # another app's worker in this interpreter
     queues = sender.app.amqp.queues
     names = set((queues.consume_from or queues).keys())
     _ROLE = "stylize" if Queues.STYLIZE.value in names else "schedule"
     if _ROLE == "stylize":
-        # a bad checkpoint stops the worker's start, loudly, rather than failing every item;
-        # Celery only logs exceptions from signal handlers, so leave with SystemExit
+        # A bad checkpoint stops the worker's start, loudly, rather than failing every item.
+        # The check runs in a separate interpreter: this parent forks the pool processes and
+        # must not start PyTorch's OpenMP pool, CUDA or S3 connections (docs/ARCHITECTURE.md,
+        # "Before the fork"). Celery only logs exceptions from signal handlers, so leave with
+        # SystemExit.
+        from capvst.preflight import check_models_isolated
+
         try:
-            _MODELS = load_models(settings())
+            for mode, model_id in check_models_isolated(settings()).items():
+                log.info("checked %s model %s", mode, model_id)
         except CapvstError as exc:
             log.critical("capvst worker cannot start: %s", exc.message)
             raise SystemExit(f"capvst worker cannot start: {exc.message}") from None
@@ -98,7 +104,7 @@ def _process_init(**_: Any) -> None:
         return
     try:
         state = worker_state()
-        for mode in state.models:  # move to the device now, in the child, never the parent
+        for mode in state.models:  # loaded and moved to the device here, after the fork
             st = state.stylizer(mode)
             log.info("%s model %s ready on %s", mode, st.model_id, st.device)
     except Exception as exc:

@@ -9,6 +9,7 @@ from tests.reliability.helpers import (
     assert_exact,
     put_inputs,
     put_manifest,
+    report,
     simple_lines,
     submit,
     wait_done,
@@ -17,19 +18,22 @@ from tests.services import Cluster
 
 
 def test_task_slower_than_its_time_limit(tmp_path, moto_server, s3, vbucket):
-    c = Cluster(tmp_path, moto_server.url, task_time_limit="4", visibility_timeout="12",
+    # limits far from both sides: small items take well under a second, the huge one minutes
+    c = Cluster(tmp_path, moto_server.url, task_time_limit="10", visibility_timeout="20",
                 chunk_size="2")
     try:
         put_inputs(s3, vbucket, 4, size=96)
-        s3.put_object(Bucket=vbucket, Key="in/huge.png", Body=image_bytes((1600, 1600), seed=3))
+        s3.put_object(Bucket=vbucket, Key="in/huge.png", Body=image_bytes((2400, 2400), seed=3))
         lines = simple_lines(4)
-        lines.insert(1, {"content": "huge.png", "style": "s1.png", "max_size": 1600})
+        lines.insert(1, {"content": "huge.png", "style": "s1.png", "max_size": 2400})
         manifest = put_manifest(s3, vbucket, lines)
         c.scheduler().wait_ready()
         w1 = c.worker("w1").wait_ready()
         job = submit(c, manifest, f"s3://{vbucket}/out", "--max-size", "96")
         st = wait_done(c, job, timeout=180)
-        assert (st["succeeded"], st["failed"]) == (4, 1), st
+        assert (st["succeeded"], st["failed"]) == (4, 1), [
+            (r["line"], r["status"], r["error"], r["seconds"])
+            for r in report(s3, vbucket, "out", job)]
         rows = assert_exact(s3, vbucket, "out", job, 5, allowed=("succeeded", "failed"))
         slow = rows[1]
         assert slow["status"] == "failed" and slow["error"]["code"] == "timeout", slow
