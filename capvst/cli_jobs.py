@@ -205,7 +205,9 @@ def _celery(argv: list[str]) -> int:
     """Replace this process with celery (signals then reach the worker directly)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "worker", *argv])
+    if argv[:1] != ["-A"]:
+        argv = ["-A", "worker", *argv]
+    os.execvp(sys.executable, [sys.executable, "-m", "celery", *argv])
     return 0  # not reached
 
 
@@ -230,7 +232,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     """The scheduler service: consumes capvst.schedule (expansion and reports)."""
     extra = list(args.celery_args)
-    argv = ["worker", "-Q", "capvst.schedule", "-E"]
+    argv = ["-A", "scheduler.app", "worker", "-Q", "capvst.schedule", "-E"]
     if not _has(extra, "-c", "--concurrency"):
         argv += ["--concurrency", "2"]
     if not _has(extra, "-n", "--hostname"):

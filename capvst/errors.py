@@ -19,6 +19,7 @@ ERROR_CODES = (
     "storage_error",
     "timeout",
     "cancelled",
+    "manifest_changed",
 )
 
 
@@ -106,6 +107,12 @@ class Timeout(PermanentError):
     """The item ran past its time limit."""
 
     code = "timeout"
+
+
+class ManifestChanged(PermanentError):
+    """The manifest was overwritten after the job was submitted; lines would shift."""
+
+    code = "manifest_changed"
 
 
 class ModelError(PermanentError):

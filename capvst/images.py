@@ -70,8 +70,10 @@ def _open(source: Source, max_pixels: int) -> Image.Image:
         raise BadImage("not an image Pillow can identify") from None
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise BadImage(f"cannot read image: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoder failure is a property of the bytes, not of us
+        raise BadImage(f"cannot read image: {type(exc).__name__}: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise TooLarge(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
@@ -84,23 +86,36 @@ def _load(img: Image.Image) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = None  # size already checked by _open
         img.load()
         return ImageOps.exif_transpose(img) or img
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise BadImage(f"cannot decode image: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # e.g. NotImplementedError for unsupported DDS or TIFF variants
+        raise BadImage(f"cannot decode image: {type(exc).__name__}: {exc}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """High-bit-depth single-channel modes scaled (not clipped) to 8 bits."""
+    """High-bit-depth single-channel modes scaled (not clipped) to 8 bits.
+
+    Works in bands of rows with integer arithmetic, so a 100-megapixel 16-bit image costs
+    its own pixels plus the 8-bit result, not several float64 copies.
+    """
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr)
+        arr = np.asarray(img)
+        top = 65535 if img.mode.startswith("I;16") or int(arr.max(initial=0)) > 255 else 255
+        out = np.empty(arr.shape, dtype=np.uint8)
+        for r in range(0, arr.shape[0], 512):
+            band = arr[r:r + 512].astype(np.int64)
+            # round(v / top * 255) with integers: (2·255·v + top) // (2·top)
+            out[r:r + 512] = np.clip((band * 510 + top) // (2 * top), 0, 255)
+        return Image.fromarray(out)
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
+        arr = np.asarray(img)
+        scale = 255.0 if float(arr.max(initial=0)) <= 1.0 else 1.0
+        out = np.empty(arr.shape, dtype=np.uint8)
+        for r in range(0, arr.shape[0], 512):
+            out[r:r + 512] = np.clip(np.rint(arr[r:r + 512] * scale), 0, 255)
+        return Image.fromarray(out)
     return img
 
 

@@ -1,18 +1,38 @@
-"""Job state in Redis: one hash per job plus per-item hashes, all updates idempotent.
+"""Job state in Redis: small, idempotent, and gone when the job is done.
 
-Recording the same item twice counts once (a Lua script makes check-and-count atomic); a
-later, better outcome of the same item (``succeeded`` over ``skipped`` over ``failed``)
-replaces the earlier one without changing the total. Object storage stays the source of
-truth: :mod:`scheduler.client` can rebuild all of this after Redis lost it.
+While a job runs, Redis holds what is running, not what is done:
+
+| key | type | holds |
+|---|---|---|
+| ``capvst:job:{id}`` | hash | the record, state, epoch, cursor, counts, leases, summary |
+| ``…:st`` | string | two bits per manifest line: none, failed, skipped, succeeded |
+| ``…:cx`` | string | one bit per line whose failure is ``cancelled`` (resume undoes those) |
+| ``…:inbox`` | list | results not yet copied to object storage (drained every few seconds) |
+| ``…:claims`` | hash | 8-byte digest of an output URI → the line that owns it |
+| ``…:slices`` | hash | slice offset → items, valid items (re-running a slice overwrites) |
+| ``…:deaths`` | hash | line → times its worker died while it was in flight (rare) |
+| ``…:late`` | list | results that arrived after the report was written |
+| ``capvst:lease:{task}`` | hash | a task run's lease: job, items, lines in flight, token |
+| ``capvst:alive:{task}:{token}`` | string | present while that run lives (renewed) |
+| ``capvst:active`` / ``capvst:jobs`` | set / sorted set | jobs not yet finalized / every job |
+
+Full result records live in object storage (``_capvst/{job}/results/*.jsonl``); a finished
+job keeps only its hash (record and summary) until the TTL. Lua scripts in ``capvst/lua``
+make recording atomic and idempotent: a line's best result counts once; a worse or equal one
+changes nothing.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 import redis
 from pydantic import BaseModel, ConfigDict
@@ -20,82 +40,36 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .manifest import JobOptions, ManifestFormat
+from .results import RANK, ItemResult
 
-Status = Literal["succeeded", "skipped", "failed"]
-STATUSES: tuple[Status, ...] = ("succeeded", "skipped", "failed")
+if TYPE_CHECKING:
+    from .settings import Settings
+
 PREFIX = "capvst:job:"
 JOBS_INDEX = "capvst:jobs"
+ACTIVE = "capvst:active"
+LEASE_PREFIX = "capvst:lease:"
+ALIVE_PREFIX = "capvst:alive:"
+LEASES = "capvst:leases"
+LEADER = "capvst:reconciler"
+PARTS = ("st", "cx", "inbox", "deaths", "slices", "claims", "late")
 
-_COMPLETE = """
-local function complete(job)
-  local v = redis.call('HMGET', job, 'expanded', 'total', 'n_succeeded', 'n_failed',
-                       'n_skipped', 'finalize_queued')
-  if v[1] == '1' and not v[6] then
-    local done = (tonumber(v[3]) or 0) + (tonumber(v[4]) or 0) + (tonumber(v[5]) or 0)
-    if done >= (tonumber(v[2]) or 0) then
-      redis.call('HSET', job, 'finalize_queued', '1')
-      return 1
-    end
-  end
-  return 0
-end
-"""
 
-# KEYS: job, results   ARGV: line, status, record json
-# returns {changed (0 none, 1 new, 2 upgraded), finalize due (0/1)}
-_RECORD = _COMPLETE + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
-local rank = {failed = 1, skipped = 2, succeeded = 3}
-local prev = redis.call('HGET', KEYS[2], ARGV[1])
-local changed = 1
-if prev then
-  local old = cjson.decode(prev)['status']
-  if rank[ARGV[2]] <= rank[old] then return {0, 0} end
-  redis.call('HINCRBY', KEYS[1], 'n_' .. old, -1)
-  changed = 2
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'n_' .. ARGV[2], 1)
-return {changed, complete(KEYS[1])}
-"""
+def _script(name: str) -> str:
+    folder = resources.files("capvst") / "lua"
+    common = (folder / "common.lua").read_text()
+    body = (folder / f"{name}.lua").read_text()
+    return body if name in ("lease",) else common + "\n" + body
 
-# KEYS: job, slice item counts, slice valid counts
-# ARGV: epoch, slice offset, next offset, next line, eof, items in slice, valid in slice
-# returns -1 when another expansion owns the cursor, else finalize due (0/1)
-_ADVANCE = _COMPLETE + """
-local cur = redis.call('HMGET', KEYS[1], 'epoch', 'cursor_offset')
-if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return -1 end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[6])
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[7])
-redis.call('HSET', KEYS[1], 'cursor_offset', ARGV[3], 'cursor_line', ARGV[4])
-if ARGV[5] == '1' then
-  local total, valid = 0, 0
-  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do total = total + tonumber(v) end
-  for _, v in ipairs(redis.call('HVALS', KEYS[3])) do valid = valid + tonumber(v) end
-  redis.call('HSET', KEYS[1], 'expanded', '1', 'total', total, 'valid', valid,
-             'max_line', tonumber(ARGV[4]) - 1)
-  return complete(KEYS[1])
-end
-return 0
-"""
 
-# KEYS: job, results   drop 'cancelled' failures so resume runs those items again
-_UNCANCEL = """
-local cursor, removed = '0', 0
-repeat
-  local r = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', 1000)
-  cursor = r[1]
-  for i = 1, #r[2], 2 do
-    local rec = cjson.decode(r[2][i + 1])
-    if rec['status'] == 'failed' and rec['error'] and rec['error']['code'] == 'cancelled' then
-      redis.call('HDEL', KEYS[2], r[2][i])
-      removed = removed + 1
-    end
-  end
-until cursor == '0'
-if removed > 0 then redis.call('HINCRBY', KEYS[1], 'n_failed', -removed) end
-return removed
-"""
+class ManifestPin(BaseModel):
+    """What identifies the manifest's content at submit: reads must see the same bytes."""
+
+    model_config = ConfigDict(extra="ignore")
+    size: int
+    etag: str | None = None
+    version_id: str | None = None
+    mtime_ns: int | None = None
 
 
 class JobRecord(BaseModel):
@@ -109,6 +83,7 @@ class JobRecord(BaseModel):
     options: JobOptions
     format: ManifestFormat | None = None
     created: float
+    pin: ManifestPin | None = None
 
 
 @dataclass
@@ -133,6 +108,19 @@ class Counts:
         return self.succeeded + self.failed + self.skipped
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A task run's lease: which job and lines it has in flight."""
+
+    task_id: str
+    token: str
+    job: str
+    lines: tuple[int, ...]
+    isolated: bool
+    deadline: float | None = None
+    dead: bool = False
+
+
 def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
     """A client that rides out Redis restarts: connection errors retried with backoff."""
     attempts = max(1, int(retry_seconds // 2))
@@ -143,36 +131,69 @@ def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
+def connect_settings(settings: Settings, *, retry_seconds: float = 60.0) -> redis.Redis:
+    """:func:`connect` to the deployment's broker (also through Redis Sentinel)."""
+    return connect(settings.broker_url, retry_seconds=retry_seconds)
+
+
+def redis_url_has_password(url: str) -> bool:
+    """Whether a Redis URL carries a password (``redis://:secret@host``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(urlsplit(url.split(";")[0]).password)
+    except ValueError:
+        return False
+
+
+def output_digest(uri: str) -> str:
+    """A short key for an output URI in the claims hash (8 bytes, base64)."""
+    return base64.b64encode(hashlib.blake2b(uri.encode("utf-8", "surrogatepass"),
+                                            digest_size=8).digest()).decode()
+
+
+def _result_args(results: Iterable[ItemResult]) -> list[Any]:
+    args: list[Any] = []
+    for r in results:
+        cancelled = int(r.status == "failed" and r.code == "cancelled")
+        args += [r.line, RANK[r.status], cancelled, r.to_json()]
+    return args
+
+
 class JobStore:
     """Typed access to the Redis keys of jobs."""
 
-    def __init__(self, client: redis.Redis, ttl_seconds: int = 14 * 86400) -> None:
+    def __init__(self, client: redis.Redis, ttl_seconds: int = 14 * 86400,
+                 lease_seconds: float = 60.0) -> None:
         self.r = client
         self.ttl = ttl_seconds
-        self._record = client.register_script(_RECORD)
-        self._advance = client.register_script(_ADVANCE)
-        self._uncancel = client.register_script(_UNCANCEL)
+        self.lease_seconds = lease_seconds
+        self._record = client.register_script(_script("record"))
+        self._advance = client.register_script(_script("advance"))
+        self._uncancel = client.register_script(_script("uncancel"))
+        self._finish = client.register_script(_script("finish"))
+        self._lease = client.register_script(_script("lease"))
 
     # -- keys ----------------------------------------------------------------------------------
     @staticmethod
     def key(job: str, part: str = "") -> str:
-        """Redis key of a job's hash or one of its per-item hashes."""
+        """Redis key of a job's hash or one of its per-line parts."""
         return f"{PREFIX}{job}" + (f":{part}" if part else "")
 
-    def _all_keys(self, job: str) -> list[str]:
-        return [self.key(job)] + [self.key(job, p) for p in
-                                  ("results", "outputs", "starts", "tries", "slices",
-                                   "slices_valid")]
+    def _keys(self, job: str, *parts: str) -> list[str]:
+        return [self.key(job)] + [self.key(job, p) for p in parts]
 
     # -- the job -------------------------------------------------------------------------------
     def create(self, rec: JobRecord, state: str = "queued") -> None:
         """Store a new job (or re-create one whose keys were lost)."""
         fields = {"record": rec.model_dump_json(), "state": state, "created": rec.created,
                   "epoch": 0, "cursor_offset": 0, "cursor_line": 1, "n_succeeded": 0,
-                  "n_failed": 0, "n_skipped": 0}
+                  "n_failed": 0, "n_skipped": 0,
+                  "expand_at": time.time() + self.lease_seconds}
         pipe = self.r.pipeline()
         pipe.hset(self.key(rec.id), mapping=fields)  # type: ignore[arg-type]
         pipe.zadd(JOBS_INDEX, {rec.id: rec.created})
+        pipe.sadd(ACTIVE, rec.id)
         pipe.execute()
 
     def exists(self, job: str) -> bool:
@@ -189,24 +210,36 @@ class JobStore:
         return self.r.hgetall(self.key(job))  # type: ignore[return-value]
 
     def set(self, job: str, **fields: Any) -> None:
-        """Set job fields."""
-        self.r.hset(self.key(job), mapping={k: (json.dumps(v) if isinstance(v, (dict, list))
-                                                 else v) for k, v in fields.items()})
+        """Set job fields (only on a job that exists)."""
+        mapping = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                   for k, v in fields.items()}
+        if self.exists(job):  # never re-create the keys of an unknown or expired job
+            self.r.hset(self.key(job), mapping=mapping)  # type: ignore[arg-type]
 
     def set_if_absent(self, job: str, field: str, value: Any) -> bool:
         """Set a field once; True if this call set it."""
         return bool(self.r.hsetnx(self.key(job), field, value))
 
+    def cancel_token(self, job: str) -> str | None:
+        """The current cancellation's token, or None when the job is not cancelled."""
+        return self.r.hget(self.key(job), "cancelled")  # type: ignore[return-value]
+
     def cancelled(self, job: str) -> bool:
         """Whether a cancel was requested."""
-        return self.r.hget(self.key(job), "cancelled") == "1"
+        return self.cancel_token(job) is not None
 
     def counts(self, job: str) -> Counts | None:
         """Progress numbers, or None for an unknown job."""
         f = self.fields(job)
         if not f:
             return None
-        slices = self.r.hvals(self.key(job, "slices"))
+        expanded = f.get("expanded") == "1"
+        if "expanded_items" in f:  # a finished job keeps its numbers in the hash
+            items = int(f["expanded_items"])
+        else:
+            items = 0
+            for v in self.r.hvals(self.key(job, "slices")):  # type: ignore[union-attr]
+                items += int(str(v).split(",")[0])
 
         def num(name: str) -> float | None:
             v = f.get(name)
@@ -214,123 +247,295 @@ class JobStore:
 
         return Counts(
             state=f.get("state", "queued"),
-            total=int(f["total"]) if f.get("expanded") == "1" else None,
-            expanded_items=sum(int(v) for v in slices),
+            total=int(f["total"]) if expanded else None,
+            expanded_items=items,
             succeeded=int(f.get("n_succeeded", 0)), failed=int(f.get("n_failed", 0)),
             skipped=int(f.get("n_skipped", 0)),
-            valid=int(f["valid"]) if f.get("expanded") == "1" else None,
-            cancelled=f.get("cancelled") == "1", created=num("created") or 0.0,
+            valid=int(f["valid"]) if expanded else None,
+            cancelled=f.get("cancelled") is not None, created=num("created") or 0.0,
             started=num("started"), finished=num("finished"))
 
     # -- expansion -----------------------------------------------------------------------------
     def advance(self, job: str, epoch: int, offset: int, next_offset: int, next_line: int,
-                eof: bool, items: int, valid: int) -> int:
-        """Move the expansion cursor past a slice; -1 if another expansion owns it, else 1
-        when the job just became complete (finalize is due), 0 otherwise."""
-        return int(self._advance(keys=[self.key(job), self.key(job, "slices"),
-                                       self.key(job, "slices_valid")],
-                                 args=[epoch, offset, next_offset, next_line, int(eof), items,
-                                       valid]))
+                eof: bool, items: int, valid: int,
+                failures: Sequence[ItemResult] = ()) -> int:
+        """Commit a slice: record its failures and move the cursor past it, atomically;
+        -1 if another expansion owns the cursor, else 1 when finalize became due."""
+        return int(self._advance(
+            keys=self._keys(job, "st", "cx", "inbox", "deaths", "slices"),
+            args=[epoch, offset, next_offset, next_line, int(eof), items, valid, time.time(),
+                  self.lease_seconds, *_result_args(failures)]))
+
+    def touch_expansion(self, job: str, seconds: float | None = None) -> None:
+        """Push the expansion's lease forward: the reconciler re-sends the step after it."""
+        self.r.hset(self.key(job), "expand_at",
+                    time.time() + (self.lease_seconds if seconds is None else seconds))
 
     def claim_outputs(self, job: str, claims: Sequence[tuple[str, int]]) -> list[int]:
         """Claim output URIs for lines; returns the owning line of each (first line wins,
         and a line re-claiming its own output keeps it)."""
         if not claims:
             return []
-        key = self.key(job, "outputs")
+        key = self.key(job, "claims")
+        digests = [output_digest(out) for out, _line in claims]
         pipe = self.r.pipeline(transaction=False)
-        for out, line in claims:
-            pipe.hsetnx(key, out, line)
+        for d, (_out, line) in zip(digests, claims):
+            pipe.hsetnx(key, d, line)
         won = pipe.execute()
-        owners = [line if ok else None for (_out, line), ok in zip(claims, won)]
+        owners: list[int | None] = [line if ok else None
+                                    for (_out, line), ok in zip(claims, won)]
         lost = [i for i, o in enumerate(owners) if o is None]
         if lost:  # already claimed: by this line on an earlier pass, or by another line
-            for i, v in zip(lost, self.r.hmget(key, [claims[i][0] for i in lost])):
+            for i, v in zip(lost, self.r.hmget(key, [digests[i] for i in lost])):
                 owners[i] = int(v)  # type: ignore[arg-type]
         return [int(o) for o in owners]  # type: ignore[arg-type]
 
-    def final_lines(self, job: str, lines: Sequence[int]) -> list[bool]:
-        """Which of ``lines`` already have a result."""
+    def ranks(self, job: str, lines: Sequence[int]) -> list[int]:
+        """Each line's state: 0 none, 1 failed, 2 skipped, 3 succeeded."""
         if not lines:
             return []
-        values = self.r.hmget(self.key(job, "results"), [str(ln) for ln in lines])
-        return [v is not None for v in values]  # type: ignore[union-attr]
+        args: list[Any] = []
+        for ln in lines:
+            args += ["GET", "u2", f"#{ln}"]
+        return [int(v) for v in self.r.execute_command("BITFIELD", self.key(job, "st"), *args)]
 
-    # -- items ---------------------------------------------------------------------------------
-    def start_item(self, job: str, line: int) -> int:
-        """Count one more delivery of an item reaching a worker; returns the count."""
-        return int(self.r.hincrby(self.key(job, "starts"), str(line), 1))
+    def final_lines(self, job: str, lines: Sequence[int]) -> list[bool]:
+        """Which of ``lines`` already have a result."""
+        return [r > 0 for r in self.ranks(job, lines)]
 
-    def count_try(self, job: str, line: int) -> int:
-        """Count one more attempt (deliveries and retries); returns the count."""
-        return int(self.r.hincrby(self.key(job, "tries"), str(line), 1))
+    # -- results -------------------------------------------------------------------------------
+    def record(self, job: str, results: Sequence[ItemResult], *,
+               cancel_token: str | None = None, push: bool = True) -> tuple[int, bool]:
+        """Record results; ``(changed, finalize due)``, changed -1 for an unknown job.
 
-    def tries(self, job: str, line: int) -> int:
-        """Attempts so far."""
-        return int(self.r.hget(self.key(job, "tries"), str(line)) or 0)
-
-    def record(self, job: str, result: dict[str, Any]) -> tuple[int, bool]:
-        """Store an item's final result; (0 ignored / 1 new / 2 upgraded, finalize due)."""
-        status = result["status"]
-        if status not in STATUSES:
-            raise ValueError(f"bad status {status!r}")
-        changed, due = self._record(keys=[self.key(job), self.key(job, "results")],
-                                    args=[result["line"], status, json.dumps(result)])
+        A ``cancelled`` failure counts only while the job's cancellation is ``cancel_token``
+        (a resume in between makes it void). ``push=False`` records state only (results
+        that are already in object storage).
+        """
+        if not results:
+            return 0, False
+        changed, due = self._record(
+            keys=[*self._keys(job, "st", "cx", "inbox", "deaths", "late"), ACTIVE],
+            args=[time.time(), self.lease_seconds, cancel_token or "", int(push),
+                  *_result_args(results)])
         return int(changed), bool(due)
 
-    def result(self, job: str, line: int) -> dict[str, Any] | None:
-        """The recorded result of a line."""
-        raw = self.r.hget(self.key(job, "results"), str(line))
-        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+    def inbox_length(self, job: str) -> int:
+        """Results waiting to be copied to object storage."""
+        return int(self.r.llen(self.key(job, "inbox")))  # type: ignore[arg-type]
 
-    def iter_results(self, job: str, max_line: int, batch: int = 2000
-                     ) -> Iterator[tuple[int, dict[str, Any] | None]]:
-        """(line, result or None) for lines 1..max_line, in order, in bounded batches."""
-        for start in range(1, max_line + 1, batch):
-            lines = [str(n) for n in range(start, min(max_line, start + batch - 1) + 1)]
-            values = self.r.hmget(self.key(job, "results"), lines)
-            for ln, raw in zip(lines, values):  # type: ignore[arg-type]
-                yield int(ln), (json.loads(raw) if raw else None)
+    def inbox_peek(self, job: str, n: int) -> list[str]:
+        """The oldest ``n`` results waiting in the inbox (not removed)."""
+        return list(self.r.lrange(self.key(job, "inbox"), 0, n - 1))  # type: ignore[arg-type]
 
-    def iter_failed(self, job: str) -> Iterator[dict[str, Any]]:
-        """Every failed result (unordered, streamed)."""
-        for _line, raw in self.r.hscan_iter(self.key(job, "results"), count=1000):
-            rec = json.loads(raw)
-            if rec.get("status") == "failed":
-                yield rec
+    def inbox_drop(self, job: str, n: int) -> None:
+        """Remove the oldest ``n`` results (after they were stored)."""
+        self.r.ltrim(self.key(job, "inbox"), n, -1)
 
-    def import_results(self, job: str, results: Iterable[dict[str, Any]]) -> int:
-        """Record results read back from object storage; returns how many were new."""
+    def late_results(self, job: str) -> list[str]:
+        """Results that arrived after the report was written."""
+        return list(self.r.lrange(self.key(job, "late"), 0, -1))  # type: ignore[arg-type]
+
+    def import_results(self, job: str, results: Iterable[ItemResult], batch: int = 2000
+                       ) -> int:
+        """Record results read back from object storage; returns how many changed a line."""
         n = 0
-        for rec in results:
-            changed, _ = self.record(job, rec)
-            n += changed == 1
+        chunk: list[ItemResult] = []
+        for r in results:
+            chunk.append(r)
+            if len(chunk) >= batch:
+                n += max(0, self.record(job, chunk, push=False,
+                                        cancel_token=self.cancel_token(job))[0])
+                chunk = []
+        if chunk:
+            n += max(0, self.record(job, chunk, push=False,
+                                    cancel_token=self.cancel_token(job))[0])
         return n
 
+    # -- deaths: items in flight when their worker died ----------------------------------------
+    def add_deaths(self, job: str, lines: Sequence[int]) -> None:
+        """Count one more death for each line that is still unfinished."""
+        if not lines or not self.exists(job):
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for ln, rank in zip(lines, self.ranks(job, lines)):
+            if rank == 0:
+                pipe.hincrby(self.key(job, "deaths"), str(ln), 1)
+        pipe.execute()
+
+    def deaths(self, job: str, lines: Sequence[int]) -> list[int]:
+        """How often each line's worker died while it was in flight."""
+        if not lines:
+            return []
+        values = self.r.hmget(self.key(job, "deaths"), [str(ln) for ln in lines])
+        return [int(v or 0) for v in values]  # type: ignore[union-attr]
+
+    # -- task leases ---------------------------------------------------------------------------
+    # A running task holds two keys: its lease record (what it has in flight; kept a day so
+    # that the next run of the same task, or the reconciler, can learn what a dead run was
+    # doing) and an ``alive`` key per run, renewed every few seconds while the run lives.
+    def lease_take(self, task_id: str, token: str, job: str, lines: Sequence[int], *,
+                   isolated: bool = False, items: Sequence[dict[str, Any]] | None = None,
+                   deadline: float | None = None) -> Lease | None:
+        """Start a run of ``task_id``; returns the previous run's lease, if there was one."""
+        key = LEASE_PREFIX + task_id
+        previous = self.lease_of(task_id)
+        mapping: dict[str, Any] = {"token": token, "job": job, "isolated": int(isolated),
+                                   "lines": ",".join(str(ln) for ln in lines), "dead": 0}
+        if items is not None:
+            mapping["items"] = json.dumps(list(items))
+        if deadline is not None:
+            mapping["deadline"] = deadline
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        pipe.expire(key, 86400)
+        pipe.zadd(LEASES, {task_id: time.time()})
+        pipe.set(f"{ALIVE_PREFIX}{task_id}:{token}", 1, px=int(self.lease_seconds * 1000))
+        pipe.execute()
+        return previous
+
+    def lease_lines(self, task_id: str, lines: Sequence[int]) -> None:
+        """Update the lines a running task has in flight."""
+        self.r.hset(LEASE_PREFIX + task_id, "lines", ",".join(str(ln) for ln in lines))
+
+    def lease_renew(self, task_id: str, token: str) -> bool:
+        """Keep a run alive (PEXPIRE runs even when Redis is out of memory)."""
+        return bool(self.r.pexpire(f"{ALIVE_PREFIX}{task_id}:{token}",
+                                   int(self.lease_seconds * 1000)))
+
+    def lease_drop(self, task_id: str, token: str | None = None) -> None:
+        """End a task's lease (only this run's, when ``token`` is given)."""
+        key = LEASE_PREFIX + task_id
+        current = str(self.r.hget(key, "token") or "") or None
+        if token is not None and current is not None and current != token:
+            self.r.delete(f"{ALIVE_PREFIX}{task_id}:{token}")
+            return
+        pipe = self.r.pipeline()
+        pipe.delete(key)
+        pipe.zrem(LEASES, task_id)
+        if current is not None:
+            pipe.delete(f"{ALIVE_PREFIX}{task_id}:{current}")
+        pipe.execute()
+
+    def lease_of(self, task_id: str) -> Lease | None:
+        """A task's lease record (live or not), or None."""
+        f = self.r.hgetall(LEASE_PREFIX + task_id)
+        if not f:
+            return None
+        lines = tuple(int(x) for x in str(f.get("lines", "")).split(",") if x)
+        deadline = f.get("deadline")
+        return Lease(task_id, str(f.get("token", "")), str(f.get("job", "")), lines,
+                     f.get("isolated") == "1", float(deadline) if deadline else None,
+                     f.get("dead") == "1")
+
+    def lease_items(self, task_id: str) -> list[dict[str, Any]]:
+        """The items a task was given (as its message carried them)."""
+        raw = self.r.hget(LEASE_PREFIX + task_id, "items")
+        return list(json.loads(raw)) if raw else []  # type: ignore[arg-type]
+
+    def alive(self, task_id: str) -> bool:
+        """Whether the latest run of ``task_id`` is alive."""
+        lease = self.lease_of(task_id)
+        return lease is not None and not lease.dead and bool(
+            self.r.exists(f"{ALIVE_PREFIX}{task_id}:{lease.token}"))
+
+    def mark_dead(self, task_id: str) -> None:
+        """Record that the latest run of ``task_id`` died (its process was lost)."""
+        token = str(self.r.hget(LEASE_PREFIX + task_id, "token") or "")
+        if not token:
+            return
+        pipe = self.r.pipeline()
+        pipe.hset(LEASE_PREFIX + task_id, "dead", 1)
+        pipe.delete(f"{ALIVE_PREFIX}{task_id}:{token}")
+        pipe.execute()
+
+    def leases(self) -> list[tuple[str, float]]:
+        """(task id, start time) of every lease record."""
+        pairs: Any = self.r.zrange(LEASES, 0, -1, withscores=True)
+        return [(str(t), float(sc)) for t, sc in pairs]
+
+    def hold(self, key: str, token: str, seconds: float) -> bool:
+        """Take or renew a named lock for ``seconds``; True while the caller holds it."""
+        return bool(self._lease(keys=[key], args=[token, int(seconds * 1000)]))
+
+    def release(self, key: str, token: str) -> None:
+        """Release a named lock held with ``token``."""
+        if self.r.get(key) == token:
+            self.r.delete(key)
+
     # -- control -------------------------------------------------------------------------------
-    def request_cancel(self, job: str) -> None:
-        """Ask workers and the expansion to stop this job's items."""
-        self.set(job, cancelled=1)
+    def request_cancel(self, job: str) -> str:
+        """Ask workers and the expansion to stop this job's items; returns the token."""
+        token = secrets.token_hex(6)
+        self.r.hsetnx(self.key(job), "cancelled", token)
+        return str(self.r.hget(self.key(job), "cancelled"))
+
+    def uncancel(self, job: str, max_line: int, span: int = 8192) -> int:
+        """Make every ``cancelled`` line unfinished again, a bounded range at a time so
+        Redis never blocks on one long script; returns how many lines were reopened."""
+        self.r.hdel(self.key(job), "cancelled")
+        reopened = 0
+        keys = self._keys(job, "st", "cx")
+        step = max(1, span // 8)
+        for first in range(0, max_line // 8 + 1, step):
+            reopened += int(self._uncancel(keys=keys, args=[first, first + step - 1]))
+        return reopened
 
     def reset_for_resume(self, job: str) -> int:
-        """Restart expansion from the first line under a new epoch; un-cancel; returns the
-        new epoch."""
-        if self.cancelled(job):
-            self._uncancel(keys=[self.key(job), self.key(job, "results")])
+        """Restart expansion from the first line under a new epoch; returns the epoch."""
         pipe = self.r.pipeline()
-        pipe.hdel(self.key(job), "cancelled", "finalize_queued", "expanded", "finished")
+        pipe.hdel(self.key(job), "finalize_due", "finalize_at", "expanded", "finished",
+                  "refinalize")
         pipe.hincrby(self.key(job), "epoch", 1)
         pipe.hset(self.key(job), mapping={"cursor_offset": 0, "cursor_line": 1,
-                                          "state": "queued", "resumed": time.time()})
-        pipe.delete(self.key(job, "slices"), self.key(job, "slices_valid"))
-        for k in self._all_keys(job):
-            pipe.persist(k)
+                                          "state": "queued", "resumed": time.time(),
+                                          "expand_at": time.time() + self.lease_seconds})
+        pipe.delete(self.key(job, "slices"))
+        pipe.persist(self.key(job))
+        pipe.sadd(ACTIVE, job)
         res = pipe.execute()
         return int(res[1])
 
-    def expire(self, job: str) -> None:
-        """Let a finished job's keys go after the TTL."""
-        pipe = self.r.pipeline()
-        for k in self._all_keys(job):
-            pipe.expire(k, self.ttl)
-        pipe.execute()
+    def finish(self, job: str, summary: dict[str, Any], late_consumed: int = 0) -> bool:
+        """Keep the summary, drop per-line state, start the TTL; False when results arrived
+        after the report was built (build it again)."""
+        args: list[Any] = [self.ttl, job, late_consumed]
+        for k, v in summary.items():
+            if v is None:
+                continue
+            args += [k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+        return bool(self._finish(keys=[*self._keys(job, "st", "cx", "inbox", "deaths",
+                                                   "slices", "claims", "late"), ACTIVE],
+                                 args=args))
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def deactivate(self, job: str) -> None:
+        """Take a job off the reconciler's list (finished or gone)."""
+        self.r.srem(ACTIVE, job)
+
+    def active_jobs(self) -> list[str]:
+        """Jobs not finalized yet."""
+        return sorted(self.r.smembers(ACTIVE))  # type: ignore[arg-type]
+
+    def forget_expired(self) -> int:
+        """Drop index entries whose job hash expired; returns how many."""
+        gone = 0
+        for start in range(0, 1_000_000, 1000):
+            ids: list[str] = [str(j) for j in self.r.zrange(  # type: ignore[union-attr]
+                JOBS_INDEX, start - gone, start - gone + 999)]
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for j in ids:
+                pipe.exists(self.key(j))
+            dead = [j for j, e in zip(ids, pipe.execute()) if not e]
+            if dead:
+                self.r.zrem(JOBS_INDEX, *dead)
+                self.r.srem(ACTIVE, *dead)
+                gone += len(dead)
+        return gone
+
+    def iter_jobs(self) -> Iterator[str]:
+        """Every known job id, oldest first."""
+        for j in self.r.zrange(JOBS_INDEX, 0, -1):  # type: ignore[union-attr]
+            yield str(j)

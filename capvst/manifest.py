@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import posixpath
 from collections.abc import Iterator
@@ -77,9 +78,10 @@ class LineSpec(BaseModel):
     @field_validator("style_weights")
     @classmethod
     def _weights(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (any(w < 0 or w != w or w == float("inf") for w in v)
-                              or sum(v) <= 0):
-            raise ValueError("weights must be non-negative with a positive sum")
+        if v is not None and (any(not math.isfinite(w) or w < 0 for w in v)
+                              or not 0 < math.fsum(v) < float("inf")):
+            raise ValueError("weights must be finite and non-negative with a positive, "
+                             "finite sum")
         return v
 
 
@@ -173,22 +175,47 @@ def csv_row_to_dict(header: list[str], row: list[str]) -> dict[str, Any]:
 
 
 def parse_csv_header(text: str) -> list[str]:
-    """Column names of a CSV header line."""
-    return [h.strip() for h in next(csv.reader([text]), [])]
+    """Column names of a CSV header line (possibly unusable: see :func:`csv_header_problem`)."""
+    try:
+        return [h.strip() for h in next(csv.reader([text]), [])]
+    except csv.Error:
+        return []
+
+
+def csv_header_problem(header: list[str]) -> str | None:
+    """Why a CSV header cannot describe items, or None."""
+    names = [h for h in header if h]
+    if not names:
+        return "the CSV header line names no columns"
+    unknown = [h for h in names if h not in FIELDS]
+    if unknown:
+        return f"the CSV header has unknown column {unknown[0]!r}"
+    if len(set(names)) != len(names):
+        return "the CSV header names a column twice"
+    if "content" not in names:
+        return "the CSV header has no 'content' column"
+    return None
 
 
 def parse_line(text: str, fmt: ManifestFormat, header: list[str] | None = None
                ) -> dict[str, Any]:
-    """Raw fields of one non-blank line; InvalidItem when it is not an object."""
+    """Raw fields of one non-blank line; InvalidItem for anything that is not a usable
+    object (whatever the parser raised: deep nesting, huge numbers, bad CSV)."""
     if fmt == "jsonl":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InvalidItem(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        except RecursionError:
+            raise InvalidItem("not valid JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer longer than Python converts
+            raise InvalidItem(f"not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise InvalidItem(f"a line must be a JSON object, not {type(obj).__name__}")
         return obj
-    assert header is not None
+    problem = "no CSV header" if header is None else csv_header_problem(header)
+    if problem or header is None:
+        raise InvalidItem(problem or "no CSV header")
     try:
         row = next(csv.reader([text]))
     except csv.Error as exc:
@@ -198,6 +225,28 @@ def parse_line(text: str, fmt: ManifestFormat, header: list[str] | None = None
 
 def _stem(uri: str) -> str:
     return os.path.splitext(parse(uri).name)[0] or "image"
+
+
+def check_output(output: str, output_prefix: str) -> str:
+    """The canonical form of ``output`` if it lies under ``output_prefix`` and outside
+    capvst's own folder there; AccessDenied or InvalidItem otherwise.
+
+    Both are compared after normalisation (``..``, ``.``, empty segments and
+    percent-encoding of ``file://`` paths), never as raw strings.
+    """
+    loc, root = parse(output), parse(output_prefix)
+    if loc.scheme == "s3":
+        segments = loc.path.split("/")
+        if any(seg in ("", ".", "..") for seg in segments):
+            raise InvalidItem(f"output key {loc.path!r} has an empty, '.' or '..' segment")
+    canonical, prefix = loc.uri, root.uri.rstrip("/")
+    if loc.scheme != root.scheme or (loc.scheme == "s3" and loc.bucket != root.bucket) \
+            or not canonical.startswith(prefix + "/"):
+        raise AccessDenied(f"output {output} is outside the output prefix {output_prefix}")
+    reserved = prefix + "/" + RESERVED
+    if canonical == reserved or canonical.startswith(reserved + "/"):
+        raise InvalidItem(f"outputs may not go under {RESERVED}/ (capvst's own folder)")
+    return canonical
 
 
 def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
@@ -235,11 +284,9 @@ def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
     else:
         name = f"{_stem(content)}__{'+'.join(_stem(s) for s in styles)}.{fmt}"
         output = join(output_prefix, name)
-    if not output.startswith(parse(output_prefix).uri.rstrip("/") + "/"):
-        raise AccessDenied(f"output {output} is outside the output prefix {output_prefix}")
-    reserved = join(output_prefix, RESERVED)
-    if output == reserved or output.startswith(reserved + "/"):
-        raise InvalidItem(f"outputs may not go under {RESERVED}/ (capvst's own folder)")
+    output = check_output(output, output_prefix)
+    for uri in (content, *styles):
+        parse(uri)  # refuses NUL bytes and unknown schemes with invalid_item
     return Item(
         line=line, id=spec.id, content=content, styles=styles,
         style_weights=spec.style_weights, alpha_c=spec.alpha_c or 0.0,

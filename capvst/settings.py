@@ -66,6 +66,29 @@ class Settings(BaseSettings):
     #: Intra-op threads per worker process; unset leaves PyTorch's default.
     torch_threads: int | None = Field(None, ge=1)
 
+    # -- job engine: leases and the reconciler ------------------------------------------------
+    #: A step or task run that has not renewed its lease for this long is presumed dead: the
+    #: reconciler re-sends the step or hands the task back (seconds).
+    lease_seconds: float = Field(60.0, ge=2.0)
+    #: How often the scheduler's reconciler runs its repair pass (seconds).
+    reconcile_interval: float = Field(5.0, gt=0.0)
+    #: A throttled expansion step tries again after this long (seconds).
+    throttle_seconds: float = Field(2.0, gt=0.0)
+
+    # -- stylize worker pipeline ---------------------------------------------------------------
+    #: Threads per worker process that fetch and decode the next items.
+    fetch_threads: int = Field(4, ge=1, le=64)
+    #: Threads per worker process that encode and upload finished images.
+    encode_threads: int = Field(2, ge=1, le=64)
+    #: Items in flight per worker process (fetched, on the device, or being written): bounds
+    #: the memory of the pipeline.
+    inflight_items: int = Field(6, ge=1, le=256)
+    #: Results are recorded in Redis in batches, at least this often (seconds).
+    flush_seconds: float = Field(2.0, gt=0.0)
+    #: Benchmarks only: replace the network by a pause of this many seconds per item (the
+    #: output is the resized content), to measure how much I/O the pipeline hides.
+    standin_model_seconds: float | None = Field(None, ge=0.0)
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

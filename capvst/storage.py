@@ -22,6 +22,7 @@ from urllib.parse import quote_from_bytes, unquote, urlsplit
 from .errors import (
     AccessDenied,
     InvalidItem,
+    ManifestChanged,
     NotFound,
     PermanentStorageError,
     StorageError,
@@ -90,7 +91,10 @@ def parse(uri: str) -> Location:
         host, slash, path = uri[len("file://"):].partition("/")
         if host not in ("", "localhost"):
             raise InvalidItem(f"file URIs must be local: {uri!r}")
-        return Location("file", "", os.path.abspath(unquote(slash + path)))
+        path = unquote(slash + path)
+        if "\x00" in path:
+            raise InvalidItem("URI contains a NUL byte")
+        return Location("file", "", os.path.abspath(path))
     parts = urlsplit(uri)
     if parts.scheme and len(parts.scheme) > 1:
         raise InvalidItem(f"unsupported URI scheme {parts.scheme!r} in {uri!r}; "
@@ -122,6 +126,35 @@ def join(prefix: str, *names: str) -> str:
         key = posixpath.join(loc.path, *names) if loc.path else posixpath.join(*names)
         return f"s3://{loc.bucket}/{key}"
     return file_uri(os.path.normpath(os.path.join(loc.path, *names)))
+
+
+def _open_regular(path: str) -> Any:
+    """Open a local file for reading, refusing anything but a regular file without blocking
+    (a FIFO would block an open() forever, a device could be endless)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise NotFound(f"{path} is a directory, not a file") from None
+    except PermissionError:
+        raise AccessDenied(f"permission denied reading {path}") from None
+    except OSError as exc:
+        raise PermanentStorageError(f"cannot open {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise NotFound(f"{path} is a directory, not a file")
+        raise AccessDenied(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+#: Metadata keys of outputs: which job and manifest line wrote them.
+META_JOB, META_LINE = "capvst-job", "capvst-line"
+_XATTR = "user."
 
 
 def _client_error_code(exc: Exception) -> str:
@@ -219,7 +252,9 @@ class Storage:
                 return None
             except OSError as exc:
                 raise PermanentStorageError(f"cannot stat {loc.path}: {exc.strerror}") from None
-            return None if os.path.isdir(loc.path) else st.st_size
+            import stat
+
+            return st.st_size if stat.S_ISREG(st.st_mode) else None
         try:
             head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
         except NotFound:
@@ -249,17 +284,14 @@ class Storage:
         """The whole object; TooLarge above ``max_bytes``."""
         loc = self.check(uri)
         if loc.scheme == "file":
-            try:
-                with open(loc.path, "rb") as fh:
-                    if max_bytes is not None and os.fstat(fh.fileno()).st_size > max_bytes:
-                        raise TooLarge(f"{loc.path} is over {max_bytes:,} bytes")
-                    return fh.read()
-            except FileNotFoundError:
-                raise NotFound(f"{loc.path} does not exist") from None
-            except IsADirectoryError:
-                raise NotFound(f"{loc.path} is a directory, not a file") from None
-            except PermissionError:
-                raise AccessDenied(f"permission denied reading {loc.path}") from None
+            with _open_regular(loc.path) as fh:
+                if max_bytes is not None and os.fstat(fh.fileno()).st_size > max_bytes:
+                    raise TooLarge(f"{loc.path} is over {max_bytes:,} bytes")
+                try:
+                    return bytes(fh.read())
+                except OSError as exc:
+                    raise PermanentStorageError(f"cannot read {loc.path}: {exc.strerror}"
+                                                ) from None
         resp = self._s3_call(loc, "reading", "get_object", Bucket=loc.bucket, Key=loc.path)
         if max_bytes is not None and int(resp.get("ContentLength", 0)) > max_bytes:
             resp["Body"].close()
@@ -269,20 +301,42 @@ class Storage:
         except Exception as exc:
             raise self._s3_error(exc, loc, "reading") from None
 
-    def iter_chunks(self, uri: str, start: int = 0, chunk_size: int = 1 << 16
-                    ) -> Iterator[bytes]:
-        """The object's bytes from offset ``start``, streamed in chunks."""
+    def pin(self, uri: str) -> dict[str, Any] | None:
+        """What identifies the object's current content (size, ETag and version on S3; size
+        and modification time of a file), or None when it does not exist."""
         loc = self.check(uri)
         if loc.scheme == "file":
             try:
-                fh = open(loc.path, "rb")
-            except FileNotFoundError:
-                raise NotFound(f"{loc.path} does not exist") from None
-            except IsADirectoryError:
-                raise NotFound(f"{loc.path} is a directory, not a file") from None
-            except PermissionError:
-                raise AccessDenied(f"permission denied reading {loc.path}") from None
-            with fh:
+                with _open_regular(loc.path) as fh:
+                    st = os.fstat(fh.fileno())
+            except NotFound:
+                return None
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
+        except NotFound:
+            return None
+        version = head.get("VersionId")
+        return {"size": int(head["ContentLength"]),
+                "etag": str(head.get("ETag", "")).strip('"') or None,
+                "version_id": version if version and version != "null" else None}
+
+    def iter_chunks(self, uri: str, start: int = 0, chunk_size: int = 1 << 16,
+                    pin: dict[str, Any] | None = None) -> Iterator[bytes]:
+        """The object's bytes from offset ``start``, streamed in chunks.
+
+        With ``pin`` (from :meth:`pin`) the bytes are those the pin names: the pinned
+        version of a versioned object, else the object only while its ETag (or a file's size
+        and modification time) is unchanged; otherwise :class:`ManifestChanged`.
+        """
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            with _open_regular(loc.path) as fh:
+                if pin is not None:
+                    st = os.fstat(fh.fileno())
+                    if (st.st_size, st.st_mtime_ns) != (pin.get("size"), pin.get("mtime_ns")):
+                        raise ManifestChanged(f"{loc.path} changed after the job was "
+                                              "submitted (size or modification time)")
                 fh.seek(start)
                 while chunk := fh.read(chunk_size):
                     yield chunk
@@ -290,11 +344,18 @@ class Storage:
         kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.path}
         if start:
             kwargs["Range"] = f"bytes={start}-"
+        if pin is not None and pin.get("version_id"):
+            kwargs["VersionId"] = pin["version_id"]
+        elif pin is not None and pin.get("etag"):
+            kwargs["IfMatch"] = pin["etag"]
         try:
             resp = self._s3_call(loc, "reading", "get_object", **kwargs)
         except PermanentStorageError as exc:
             if "InvalidRange" in exc.message:  # start at or past the end
                 return
+            if "PreconditionFailed" in exc.message or " 412 " in exc.message:
+                raise ManifestChanged(f"{loc.uri} changed after the job was submitted "
+                                      "(its ETag differs)") from None
             raise
         body = resp["Body"]
         try:
@@ -325,19 +386,24 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, uri: str, data: bytes, *, create_only: bool = False,
-              content_type: str = "application/octet-stream") -> bool:
+              content_type: str = "application/octet-stream",
+              metadata: dict[str, str] | None = None) -> bool:
         """Write ``data`` completely or not at all.
 
         With ``create_only`` an existing object is left alone and False is returned; two
-        concurrent writers of the same key leave exactly one complete object.
+        concurrent writers of the same key leave exactly one complete object. ``metadata``
+        (ASCII keys and values) is stored with the object (S3 user metadata, or extended
+        attributes of a file where the file system has them): :meth:`metadata` reads it.
         """
         loc = self.check(uri)
         if loc.scheme == "file":
-            return self._write_file(loc, data, create_only)
+            return self._write_file(loc, data, create_only, metadata)
         if len(data) > MULTIPART_THRESHOLD:
-            return self._write_multipart(loc, data, create_only, content_type)
+            return self._write_multipart(loc, data, create_only, content_type, metadata)
         kwargs: dict[str, Any] = dict(Bucket=loc.bucket, Key=loc.path, Body=data,
                                       ContentType=content_type)
+        if metadata:
+            kwargs["Metadata"] = metadata
         if create_only:
             kwargs["IfNoneMatch"] = "*"
         try:
@@ -357,9 +423,9 @@ class Storage:
         return True
 
     def _write_multipart(self, loc: Location, data: bytes, create_only: bool,
-                         content_type: str) -> bool:
+                         content_type: str, metadata: dict[str, str] | None = None) -> bool:
         up = self._s3_call(loc, "writing", "create_multipart_upload", Bucket=loc.bucket,
-                           Key=loc.path, ContentType=content_type)
+                           Key=loc.path, ContentType=content_type, Metadata=metadata or {})
         upload_id = up["UploadId"]
         try:
             parts = []
@@ -390,7 +456,29 @@ class Storage:
         except Exception:  # best effort; lifecycle rules clean up the rest
             pass
 
-    def _write_file(self, loc: Location, data: bytes, create_only: bool) -> bool:
+    def metadata(self, uri: str) -> dict[str, str] | None:
+        """The metadata an object was written with ({} when none), or None when it does not
+        exist."""
+        loc = self.check(uri)
+        if loc.scheme == "file":
+            if not os.path.isfile(loc.path):
+                return None
+            out: dict[str, str] = {}
+            try:
+                for name in os.listxattr(loc.path):
+                    if name.startswith(_XATTR + "capvst-"):
+                        out[name[len(_XATTR):]] = os.getxattr(loc.path, name).decode()
+            except OSError:  # a file system without extended attributes
+                pass
+            return out
+        try:
+            head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
+        except NotFound:
+            return None
+        return {str(k).lower(): str(v) for k, v in (head.get("Metadata") or {}).items()}
+
+    def _write_file(self, loc: Location, data: bytes, create_only: bool,
+                    metadata: dict[str, str] | None = None) -> bool:
         folder = os.path.dirname(loc.path)
         try:
             os.makedirs(folder, exist_ok=True)
@@ -406,6 +494,11 @@ class Storage:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)
+            for k, v in (metadata or {}).items():
+                try:
+                    os.setxattr(tmp, _XATTR + k, v.encode())
+                except OSError:  # no extended attributes here: the output is still complete
+                    break
             if create_only:
                 try:
                     os.link(tmp, loc.path)  # atomic and fails if the name exists

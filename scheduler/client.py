@@ -2,7 +2,9 @@
 
 Submitting sends one small message (``capvst.expand`` for the first slice) after storing the
 job record in Redis and in ``{output}/_capvst/{job}/job.json``; everything else is read from
-Redis, or rebuilt from object storage when Redis lost it.
+Redis, or rebuilt from object storage when Redis lost it. The manifest is pinned at submit
+(its version, ETag or size and modification time): a manifest overwritten while the job
+runs fails the job with ``manifest_changed`` instead of shifting lines under results.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import posixpath
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from capvst.errors import AccessDenied, CapvstError, InvalidItem, NotFound, TransientError
-from capvst.jobs import Counts, JobRecord, JobStore, connect
+from capvst.broker import TaskNames, create_app, sender
+from capvst.errors import CapvstError, NotFound, TransientError
+from capvst.jobs import Counts, JobRecord, JobStore, ManifestPin, connect_settings
 from capvst.manifest import JobOptions, detect_format
+from capvst.results import ItemResult, throughput
 from capvst.retry import with_retries
 from capvst.settings import Settings
 from capvst.storage import Storage, join, parse
 
-from .report import job_folder, report_uri
+from .report import job_folder, report_uri, results_folder
 
 T = TypeVar("T")
 
@@ -49,12 +54,12 @@ class Client:
     settings: Settings
 
     def __post_init__(self) -> None:
-        self.storage = Storage(self.settings, confine_local=False)
-        self.jobs = JobStore(connect(self.settings.broker_url, retry_seconds=10),
-                             int(self.settings.job_ttl_days * 86400))
-        from worker.config import create_app
-
-        self.app = create_app(self.settings)
+        s = self.settings
+        self.storage = Storage(s, confine_local=False)
+        self.jobs = JobStore(connect_settings(s, retry_seconds=10),
+                             int(s.job_ttl_days * 86400), s.lease_seconds)
+        self.app = create_app(s)
+        self._sender = sender(self.app)
 
     def _retry(self, fn: Callable[[], T]) -> T:
         s = self.settings
@@ -64,7 +69,7 @@ class Client:
         return self._retry(lambda: self.storage.read(uri))
 
     def _send(self, name: str, kwargs: dict[str, Any], argsrepr: str) -> None:
-        self.app.send_task(name, kwargs=kwargs, argsrepr="()", kwargsrepr=argsrepr)
+        self._sender(name, kwargs, argsrepr)
 
     # -- submit --------------------------------------------------------------------------------
     def submit(self, manifest: str, output: str | None = None,
@@ -98,8 +103,14 @@ class Client:
                 self._retry(lambda: self.storage.upload_file(uri, loc.path))
             except CapvstError as exc:
                 raise JobError(f"cannot upload the manifest to {uri}: {exc.message}", 2) from None
+        try:
+            pin = self._retry(lambda: self.storage.pin(uri))
+        except CapvstError as exc:
+            raise JobError(f"manifest {uri}: {exc.message}", 2) from None
+        if pin is None:
+            raise JobError(f"manifest {uri} does not exist", 2)
         rec = JobRecord(id=job, manifest=uri, base=base, output=output, options=options,
-                        format=fmt, created=time.time())
+                        format=fmt, created=time.time(), pin=ManifestPin(**pin))
         try:
             self._retry(lambda: self.storage.write(
                 join(job_folder(rec), "job.json"), rec.model_dump_json(indent=2).encode(),
@@ -109,7 +120,7 @@ class Client:
         except CapvstError as exc:
             raise JobError(f"output prefix {output} is not writable: {exc.message}", 2) from None
         self.jobs.create(rec)
-        self._send("capvst.expand", dict(job=job, epoch=0, offset=0, line=1),
+        self._send(TaskNames.EXPAND.value, dict(job=job, epoch=0, offset=0, line=1),
                    f"job={job} line=1")
         return rec
 
@@ -142,7 +153,7 @@ class Client:
         f = self.jobs.fields(job)
         now = c.finished or time.time()
         elapsed = max(1e-9, now - (c.started or c.created))
-        rate = c.done / elapsed if c.done else 0.0
+        rate = throughput(c.done, c.started or c.created, c.finished)
         total = c.total if c.total is not None else c.expanded_items
         eta = (total - c.done) / rate if rate > 0 and c.state not in ("done", "cancelled") \
             else None
@@ -153,23 +164,33 @@ class Client:
                 "rate_per_second": round(rate, 3), "eta_seconds": None if eta is None
                 else round(eta, 1), "elapsed_seconds": round(elapsed, 1),
                 "manifest_error": f.get("manifest_error"), "valid": c.valid,
-                "report": f.get("report")}
+                "report": f.get("report"), "report_error": f.get("report_error")}
 
     def report(self, job: str, output: str | None = None) -> tuple[str, Iterator[dict[str, Any]]]:
-        """The report's URI and the failed items (from Redis, else from the report file)."""
+        """The report's URI and the failed items (from the report once written, else from
+        the results stored so far)."""
         rec = self.record(job, output)
         uri = report_uri(rec)
-        if self.jobs.exists(job):
-            return uri, self.jobs.iter_failed(job)
+        c = self.jobs.counts(job)
+        finished = c is None or c.state in ("done", "cancelled")
 
-        def from_file() -> Iterator[dict[str, Any]]:
+        def from_report() -> Iterator[dict[str, Any]]:
             data = self._retry(lambda: self.storage.read(uri))
             for line in data.decode().splitlines():
                 r = json.loads(line)
                 if r.get("status") == "failed":
                     yield r
 
-        return uri, from_file()
+        def so_far() -> Iterator[dict[str, Any]]:
+            best: dict[int, ItemResult] = {}
+            for r in self._stored(rec, include_inbox=True):
+                if r.line not in best or r.better_than(best[r.line]):
+                    best[r.line] = r
+            for r in best.values():
+                if r.status == "failed":
+                    yield r.report_line()
+
+        return uri, from_report() if finished else so_far()
 
     # -- control -------------------------------------------------------------------------------
     def cancel(self, job: str) -> None:
@@ -181,43 +202,83 @@ class Client:
 
     def resume(self, job: str, output: str | None = None,
                progress: Callable[[str], None] | None = None) -> JobRecord:
-        """Re-enqueue every item of the job that has no final result.
+        """Re-enqueue every item of the job that has no final result; also un-cancels.
 
         Works after Redis lost everything: the job record comes from ``job.json`` and the
-        results of finished chunks from ``_capvst/{job}/results/``; the manifest is expanded
-        again and items already final are not queued.
+        results from the job's result files; the manifest is expanded again and items
+        already final are not queued.
         """
         say = progress or (lambda _m: None)
         rec = self.jobs.record_of(job)
-        if rec is None:
+        c = self.jobs.counts(job)
+        if rec is None or c is None:
             rec = self.record(job, output)
+            if self._finished_in_storage(rec):
+                raise JobError(f"job {job} already finished (its report is in "
+                               f"{job_folder(rec)}); nothing to resume", 0)
             self.jobs.create(rec)
-            say(f"job {job} rebuilt from {join(job_folder(rec), 'job.json')}")
-        else:
-            c = self.counts(job)
-            if c.state == "done" and not c.cancelled:
+            n = self._rebuild(rec)
+            say(f"job {job} rebuilt from {join(job_folder(rec), 'job.json')}"
+                + f" with {n} stored results")
+        elif c.state in ("done", "cancelled"):
+            if not c.cancelled:
                 raise JobError(f"job {job} already finished; nothing to resume", 0)
-        n = self.jobs.import_results(job, self._stored_results(rec))
-        if n:
+            # a finished job keeps no per-line state: rebuild it, without the cancellations
+            self.jobs.r.hdel(self.jobs.key(job), "cancelled")
+            self.jobs.r.hset(self.jobs.key(job), mapping={
+                "n_succeeded": 0, "n_failed": 0, "n_skipped": 0})
+            n = self._rebuild(rec)
             say(f"recovered {n} results from object storage")
+        elif c.cancelled:
+            max_line = int(self.jobs.fields(job).get("max_line") or 0) or self._max_line(rec)
+            n = self.jobs.uncancel(job, max_line)
+            say(f"{n} cancelled items queued again")
         epoch = self.jobs.reset_for_resume(job)
-        self._send("capvst.expand", dict(job=job, epoch=epoch, offset=0, line=1),
+        self._send(TaskNames.EXPAND.value, dict(job=job, epoch=epoch, offset=0, line=1),
                    f"job={job} line=1 (resume)")
         return rec
 
-    def _stored_results(self, rec: JobRecord) -> Iterator[dict[str, Any]]:
-        folder = join(job_folder(rec), "results")
+    def _max_line(self, rec: JobRecord) -> int:
+        """Highest manifest line with a result (when the expansion never reached the end)."""
+        return max((r.line for r in self._stored(rec, include_inbox=True)), default=0) + 1
+
+    def _finished_in_storage(self, rec: JobRecord) -> bool:
         try:
-            uris = self._retry(lambda: list(self.storage.iter_uris(folder)))
-        except (NotFound, AccessDenied, InvalidItem):
-            return
-        for uri in uris:
-            if not uri.endswith(".jsonl"):
-                continue
-            data = self._read(uri)
-            for line in data.decode().splitlines():
-                if line.strip():
-                    yield json.loads(line)
+            data = self._read(join(job_folder(rec), "summary.json"))
+        except NotFound:
+            return False
+        try:
+            return json.loads(data).get("state") == "done"
+        except ValueError:
+            return False
+
+    def _rebuild(self, rec: JobRecord) -> int:
+        """Per-line state from the stored results, cancellations excepted."""
+        def usable(results: Iterable[ItemResult]) -> Iterator[ItemResult]:
+            for r in results:
+                if not (r.status == "failed" and r.code == "cancelled"):
+                    yield r
+
+        return self.jobs.import_results(rec.id, usable(self._stored(rec)))
+
+    def _stored(self, rec: JobRecord, include_inbox: bool = False) -> Iterator[ItemResult]:
+        """Results in the job's result files (read in parallel), then Redis's inbox."""
+        try:
+            uris = [u for u in self._retry(lambda: list(self.storage.iter_uris(
+                results_folder(rec)))) if u.endswith(".jsonl")]
+        except CapvstError:
+            uris = []
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for data in pool.map(self._read, uris):
+                for line in data.splitlines():
+                    if line.strip():
+                        try:
+                            yield ItemResult.from_json(line)
+                        except ValueError:
+                            continue
+        if include_inbox:
+            for text in self.jobs.inbox_peek(rec.id, 1_000_000):
+                yield ItemResult.from_json(text)
 
     # -- wait ----------------------------------------------------------------------------------
     def wait(self, job: str, progress: str = "bar", poll: float = 0.5,
@@ -275,3 +336,4 @@ def exit_code_for(st: dict[str, Any]) -> int:
 
 
 __all__ = ["Client", "JobError", "exit_code_for", "new_job_id"]
+

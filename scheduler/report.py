@@ -1,5 +1,12 @@
 """The job report: ``report.jsonl`` (one line per manifest item, in line order),
-``summary.json`` and ``index.html`` under ``{output}/_capvst/{job}/``."""
+``summary.json`` and ``index.html`` under ``{output}/_capvst/{job}/``.
+
+Results come from the job's result files in object storage (``results/*.jsonl``, written by
+the scheduler as it drains Redis), in no particular order and possibly with several results
+for one line (a duplicate delivery, a resumed job). They are merged in bounded memory: spread
+over bucket files by line number, then each bucket keeps the best result per line (status
+precedence, then the newer) and is written in order.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +18,20 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
+from urllib.parse import quote, unquote
 
-from PIL import Image, ImageOps
-
-from capvst import images
 from capvst.errors import CapvstError
-from capvst.jobs import JobRecord, JobStore
+from capvst.jobs import JobRecord
+from capvst.results import REPORT_KEYS, ItemResult, throughput
 from capvst.storage import Storage, join
 
-REPORT_KEYS = ("line", "id", "content", "style", "output", "status", "error", "attempts",
-               "seconds", "worker", "model")
 THUMB = 128
+#: Lines per merge bucket (each bucket is sorted in memory).
+BUCKET_LINES = 50_000
+#: Largest image (pixels) decoded for a thumbnail; larger ones are shown as a link only.
+THUMB_MAX_PIXELS = 16_000_000
 
 
 def job_folder(rec: JobRecord) -> str:
@@ -35,94 +44,184 @@ def report_uri(rec: JobRecord, name: str = "report.jsonl") -> str:
     return join(job_folder(rec), name)
 
 
-def normalise(rec: dict[str, Any]) -> dict[str, Any]:
-    """A result in the report's key order."""
-    return {k: rec.get(k) for k in REPORT_KEYS}
+def results_folder(rec: JobRecord) -> str:
+    """Where the job's result files are."""
+    return join(job_folder(rec), "results")
 
 
-def write_report(storage: Storage, jobs: JobStore, rec: JobRecord, fields: dict[str, str],
-                 rows: int = 100) -> dict[str, Any]:
-    """Write the three report files; returns the summary."""
-    max_line = int(fields.get("max_line") or 0)
-    statuses: Counter[str] = Counter()
-    codes: Counter[str] = Counter()
-    workers: Counter[str] = Counter()
-    models: Counter[str] = Counter()
-    seconds = 0.0
-    failed_rows: list[dict[str, Any]] = []
-    other_rows: list[dict[str, Any]] = []
+def iter_stored_results(storage: Storage, rec: JobRecord) -> Iterator[ItemResult]:
+    """Every result in the job's result files (unordered; unreadable lines skipped)."""
+    try:
+        uris = sorted(storage.iter_uris(results_folder(rec)))
+    except CapvstError:
+        return
+    for uri in uris:
+        if not uri.endswith(".jsonl"):
+            continue
+        for raw in storage.read(uri).splitlines():
+            if raw.strip():
+                try:
+                    yield ItemResult.from_json(raw)
+                except ValueError:
+                    continue
+
+
+def merge_in_line_order(results: Iterable[ItemResult]) -> Iterator[ItemResult]:
+    """The best result of each line, in line order, in bounded memory."""
+    with tempfile.TemporaryDirectory(prefix="capvst-merge-") as tmp:
+        files: dict[int, Any] = {}
+        try:
+            for r in results:
+                b = r.line // BUCKET_LINES
+                if b not in files:
+                    files[b] = open(os.path.join(tmp, f"{b}.jsonl"), "w",  # noqa: SIM115
+                                    encoding="ascii")
+                files[b].write(r.to_json() + "\n")
+        finally:
+            for fh in files.values():
+                fh.close()
+        for b in sorted(files):
+            best: dict[int, tuple[int, float, str]] = {}
+            with open(os.path.join(tmp, f"{b}.jsonl"), encoding="ascii") as fh:
+                for raw in fh:
+                    r = ItemResult.from_json(raw)
+                    key = (r.rank, r.finished_at)
+                    old = best.get(r.line)
+                    if old is None or key > old[:2]:
+                        best[r.line] = (key[0], key[1], raw)
+            for line in sorted(best):
+                yield ItemResult.from_json(best[line][2])
+
+
+class Tally:
+    """Counts gathered while the report streams by."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.statuses: Counter[str] = Counter()
+        self.codes: Counter[str] = Counter()
+        self.workers: Counter[str] = Counter()
+        self.models: Counter[str] = Counter()
+        self.seconds = 0.0
+        self.first_start: float | None = None
+        self.failed_rows: list[ItemResult] = []
+        self.other_rows: list[ItemResult] = []
+
+    def add(self, r: ItemResult) -> None:
+        """Count one line's result."""
+        self.statuses[r.status] += 1
+        if r.code:
+            self.codes[r.code] += 1
+        if r.worker:
+            self.workers[r.worker] += 1
+        if r.model:
+            self.models[r.model] += 1
+        self.seconds += float(r.seconds or 0.0)
+        if r.worker:
+            start = r.finished_at - float(r.seconds or 0.0)
+            self.first_start = start if self.first_start is None else min(self.first_start,
+                                                                          start)
+        bucket = self.failed_rows if r.status == "failed" else self.other_rows
+        if len(bucket) < self.rows:
+            bucket.append(r)
+
+    @property
+    def total(self) -> int:
+        """Lines counted."""
+        return sum(self.statuses.values())
+
+
+def write_report(storage: Storage, rec: JobRecord, fields: dict[str, str],
+                 results: Iterable[ItemResult], rows: int = 100) -> dict[str, Any]:
+    """Write the three report files from ``results`` (in line order); returns the summary."""
+    tally = Tally(rows)
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False,
-                                     encoding="utf-8") as fh:
+                                     encoding="ascii") as fh:
         path = fh.name
-        for _line, result in jobs.iter_results(rec.id, max_line):
-            if result is None:
-                continue
-            r = normalise(result)
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            statuses[r["status"]] += 1
-            if r["error"]:
-                codes[r["error"]["code"]] += 1
-            if r["worker"]:
-                workers[r["worker"]] += 1
-            if r["model"]:
-                models[r["model"]] += 1
-            seconds += float(r["seconds"] or 0.0)
-            bucket = failed_rows if r["status"] == "failed" else other_rows
-            if len(bucket) < rows:
-                bucket.append(r)
+        for r in results:
+            # ASCII with escapes: a lone surrogate or any odd character in a URI stays valid
+            fh.write(json.dumps(r.report_line(), ensure_ascii=True) + "\n")
+            tally.add(r)
     try:
         storage.upload_file(report_uri(rec), path, "application/x-ndjson")
     finally:
         os.unlink(path)
-    created = float(fields.get("created") or rec.created)
-    started = float(fields.get("started") or created)
-    finished = time.time()
-    total = sum(statuses.values())
-    processed = statuses["succeeded"]
-    summary = {
-        "job": rec.id, "manifest": rec.manifest, "output": rec.output,
-        "state": "cancelled" if fields.get("cancelled") == "1" else "done",
-        "manifest_error": fields.get("manifest_error"),
-        "items": total, "valid_items": int(fields.get("valid") or 0),
-        "succeeded": statuses["succeeded"], "skipped": statuses["skipped"],
-        "failed": statuses["failed"], "errors": dict(sorted(codes.items())),
-        "created": created, "started": started, "finished": finished,
-        "wall_seconds": round(finished - started, 3),
-        "item_seconds_total": round(seconds, 3),
-        "throughput_items_per_second": round(processed / max(finished - started, 1e-9), 4),
-        "workers": dict(workers), "models": dict(models),
-        "report": report_uri(rec), "options": rec.options.model_dump(),
-    }
+    summary = summarize(rec, fields, tally)
     storage.write(report_uri(rec, "summary.json"),
-                  json.dumps(summary, indent=2).encode(), content_type="application/json")
-    page = render_index(storage, summary, failed_rows + other_rows[: max(0, rows -
-                                                                             len(failed_rows))])
-    storage.write(report_uri(rec, "index.html"), page.encode(), content_type="text/html")
+                  json.dumps(summary, indent=2, ensure_ascii=True).encode(),
+                  content_type="application/json")
+    shown = tally.failed_rows + tally.other_rows[: max(0, rows - len(tally.failed_rows))]
+    page = render_index(storage, summary, shown)
+    storage.write(report_uri(rec, "index.html"), page.encode("utf-8", "backslashreplace"),
+                  content_type="text/html; charset=utf-8")
     return summary
 
 
+def summarize(rec: JobRecord, fields: dict[str, str], tally: Tally) -> dict[str, Any]:
+    """``summary.json``: counts, error codes, timings and throughput."""
+    created = float(fields.get("created") or rec.created)
+    started = float(fields.get("started") or tally.first_start or created)
+    finished = time.time()
+    done = tally.total
+    return {
+        "job": rec.id, "manifest": rec.manifest, "output": rec.output,
+        "state": "cancelled" if fields.get("cancelled") else "done",
+        "manifest_error": fields.get("manifest_error"),
+        "items": done, "valid_items": int(fields.get("valid") or 0),
+        "succeeded": tally.statuses["succeeded"], "skipped": tally.statuses["skipped"],
+        "failed": tally.statuses["failed"], "errors": dict(sorted(tally.codes.items())),
+        "created": created, "started": started, "finished": finished,
+        "wall_seconds": round(finished - started, 3),
+        "item_seconds_total": round(tally.seconds, 3),
+        "throughput_items_per_second": round(throughput(done, started, finished), 4),
+        "workers": dict(tally.workers), "models": dict(tally.models),
+        "report": report_uri(rec), "options": rec.options.model_dump(),
+    }
+
+
+# --- index.html ------------------------------------------------------------------------------
+
 def _thumb(storage: Storage, uri: str | None, cache: dict[str, str | None]) -> str | None:
+    """A small embedded JPEG of ``uri``, or None (missing, not an image, too large, odd)."""
     if not uri:
         return None
     if uri in cache:
         return cache[uri]
     data_uri = None
     try:
+        from PIL import Image, ImageOps
+
         opened = Image.open(io.BytesIO(storage.read(uri, max_bytes=50_000_000)))
-        if opened.width * opened.height <= images.DEFAULT_MAX_PIXELS:
+        if opened.width * opened.height <= THUMB_MAX_PIXELS:
             opened.draft("RGB", (THUMB * 2, THUMB * 2))  # JPEGs decode at reduced scale
             img = (ImageOps.exif_transpose(opened) or opened).convert("RGB")
-            img.thumbnail((THUMB, THUMB))
+            img.thumbnail((THUMB, THUMB), reducing_gap=2.0)
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=80)
             data_uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except (CapvstError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Exception:  # a preview is never worth failing the report for
         data_uri = None
     cache[uri] = data_uri
     return data_uri
 
 
-def render_index(storage: Storage, summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def link_for(uri: str | None, page: str) -> str | None:
+    """A link to ``uri`` from the report page: relative when both are in one place."""
+    if not uri:
+        return None
+    folder = page.rsplit("/", 1)[0]
+    if uri.startswith("file://") and page.startswith("file://"):
+        return quote(os.path.relpath(unquote(uri[len("file://"):]),
+                                     unquote(folder[len("file://"):])))
+    if uri.startswith("s3://") and page.startswith("s3://"):
+        ub, _, ukey = uri[5:].partition("/")
+        pb, _, pkey = folder[5:].partition("/")
+        if ub == pb:
+            return quote(os.path.relpath(ukey, pkey or "."))
+    return uri
+
+
+def render_index(storage: Storage, summary: dict[str, Any], rows: list[ItemResult]) -> str:
     """A self-contained page: counts, then content | style | result thumbnails, failures
     first. Thumbnails are embedded so the page works wherever it is opened."""
     cache: dict[str, str | None] = {}
@@ -137,17 +236,14 @@ def render_index(storage: Storage, summary: dict[str, Any], rows: list[dict[str,
 
     body = []
     for r in rows:
-        style = r["style"][0] if isinstance(r["style"], list) and r["style"] else r["style"]
-        err = r["error"] or {}
-        note = (f'<b>{esc(err.get("code", ""))}</b> {esc(err.get("message", ""))}' if err
-                else esc(r["status"]))
+        styles = r.style if isinstance(r.style, list) else [r.style]
+        err = r.error
+        note = (f"<b>{esc(err.code)}</b> {esc(err.message)}" if err else esc(r.status))
         body.append(
-            f'<tr class="{esc(r["status"])}"><td>{r["line"]}</td>'
-            f'{cell(r["content"] if isinstance(r["content"], str) else None)}'
-            f'{cell(style if isinstance(style, str) else None)}'
-            f'{cell(r["output"] if r["status"] != "failed" else None)}<td>{note}</td></tr>')
+            f'<tr class="{esc(r.status)}"><td>{r.line}</td>'
+            f'{cell(r.content)}{cell(styles[0] if styles else None)}'
+            f'{cell(r.output if r.status != "failed" else None)}<td>{note}</td></tr>')
     s = summary
-    shown = len(rows)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>capvst job {esc(s['job'])}</title>
 <style>
@@ -160,9 +256,14 @@ img{{max-width:{THUMB}px;max-height:{THUMB}px}}
 <p>{s['items']} items: {s['succeeded']} succeeded, {s['skipped']} skipped,
 {s['failed']} failed &middot; state {esc(s['state'])} &middot;
 {s['throughput_items_per_second']} items/s</p>
-<p>manifest {esc(s['manifest'])}<br>report <code>{esc(s['report'])}</code></p>
-<p>Showing {shown} rows, failures first.</p>
+<p>manifest {esc(str(s['manifest']))}<br>report <code>{esc(str(s['report']))}</code></p>
+<p>Showing {len(rows)} rows, failures first.</p>
 <table><tr><th>line</th><th>content</th><th>style</th><th>result</th><th>status</th></tr>
 {''.join(body)}
 </table></body></html>
 """
+
+
+__all__ = ["REPORT_KEYS", "Tally", "iter_stored_results", "job_folder", "link_for",
+           "merge_in_line_order", "render_index", "report_uri", "results_folder",
+           "summarize", "write_report"]

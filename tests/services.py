@@ -216,6 +216,9 @@ class Cluster:
             "CAPVST_RETRY_BACKOFF": "0.05",
             "CAPVST_RETRY_BACKOFF_MAX": "0.5",
             "CAPVST_DEVICE": "cpu",
+            # short leases and a busy reconciler so that repairs happen within seconds
+            "CAPVST_LEASE_SECONDS": "5",
+            "CAPVST_RECONCILE_INTERVAL": "1",
             "PYTHONUNBUFFERED": "1",
         })
         self.model_ids: dict[str, str] = {}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from capvst.jobs import JobStore, connect
+from capvst.broker import StylizePayload, TaskNames, create_app
+from capvst.jobs import JobStore, connect_settings
+from capvst.results import ItemResult
 from capvst.settings import Settings
-from worker.config import create_app
 
 settings = Settings()
 app = create_app(settings, include=())  # not worker.tasks: this module's task replaces it
@@ -19,18 +20,16 @@ _jobs: list[JobStore] = []
 
 def _store() -> JobStore:
     if not _jobs:
-        _jobs.append(JobStore(connect(settings.broker_url)))
+        _jobs.append(JobStore(connect_settings(settings), lease_seconds=settings.lease_seconds))
     return _jobs[0]
 
 
-@app.task(name="capvst.stylize", shared=False)
+@app.task(name=TaskNames.STYLIZE.value, shared=False)
 def stylize(job: str, items: list[dict[str, Any]]) -> int:
-    jobs = _store()
-    for it in items:
-        _changed, due = jobs.record(job, {
-            "line": it["line"], "id": it.get("id"), "content": it["content"],
-            "style": it["styles"][0], "output": it["output"], "status": "succeeded",
-            "error": None, "attempts": 1, "seconds": 0.0, "worker": "standin", "model": None})
-        if due:
-            app.send_task("capvst.finalize", kwargs={"job": job})
+    payload = StylizePayload.model_validate({"job": job, "items": items})
+    results = [ItemResult.of_item(it, "succeeded", attempts=1, worker="standin")
+               for it in payload.items]
+    _changed, due = _store().record(payload.job, results)
+    if due:
+        app.send_task(TaskNames.FINALIZE.value, kwargs={"job": payload.job})
     return len(items)

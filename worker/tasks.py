@@ -1,7 +1,15 @@
-"""Celery tasks: thin wrappers that validate a payload and call plain functions.
+"""The stylize task (queue ``capvst.stylize``) and the worker process's life cycle.
 
-``capvst.stylize`` runs on stylize workers (queue ``capvst.stylize``); ``capvst.expand`` and
-``capvst.finalize`` run on the scheduler (queue ``capvst.schedule``).
+- Before the fork (the Celery parent): the checkpoints are proven loadable in a separate
+  interpreter; the parent itself runs no PyTorch, opens no CUDA and keeps no connection
+  (docs/ARCHITECTURE.md, "Before the fork").
+- After the fork (each pool process): one :class:`~worker.context.WorkerContext` with the
+  models on the device, the job store and the pipeline's thread pools.
+- Per task: a lease kept alive while the chunk runs, the pipeline
+  (:class:`~worker.pipeline.ChunkRunner`), and the hand-back rules: a soft time limit sends
+  the unfinished items again; bookkeeping that cannot proceed (Redis refusing writes, the
+  broker refusing a publish) hands the whole message back to the queue; nothing is
+  acknowledged without its items' results.
 """
 
 from __future__ import annotations
@@ -10,103 +18,75 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import redis
-from billiard.exceptions import SoftTimeLimitExceeded
+from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from celery import Task
 from celery import signals as celery_signals
-from celery.exceptions import Reject, TimeLimitExceeded
-from pydantic import BaseModel, ConfigDict
+from celery.exceptions import Reject
+from celery.worker.request import Request
 
-from capvst.errors import CapvstError, TransientError
-from capvst.jobs import JobStore, connect
-from capvst.manifest import Item
-from capvst.settings import Settings
-from capvst.storage import Storage
-from capvst.types import Mode
+from capvst.broker import GUARDED_STRATEGY, Queues, StylizePayload, TaskNames, sender
+from capvst.errors import CapvstError
+from capvst.heartbeat import Heartbeat
+from capvst.retry import is_transient_infrastructure
 
 from . import app
-from .config import Queues, TaskNames
-
-if TYPE_CHECKING:
-    from capvst.model.checkpoint import LoadedModel
+from .context import WorkerContext, build_context
+from .pipeline import ChunkRunner, HandBack
 
 log = logging.getLogger(__name__)
 
-_ROLE: str | None = None            # "stylize" or "schedule", decided in the worker's parent
-_MODELS: dict[Mode, LoadedModel] = {}
-_STATE: Any = None                   # runner.WorkerState, built lazily per process
-_SCHED: Any = None                   # scheduler.service.Context, built lazily per process
-_JOBS: JobStore | None = None
 
+class Process:
+    """This pool process's context, built once at process start."""
 
-def settings() -> Settings:
-    """The settings the app was built with."""
-    return app.conf.capvst_settings  # type: ignore[no-any-return]
+    role: str | None = None  # decided in the parent, inherited by the pool processes
+    ctx: WorkerContext | None = None
 
-
-def job_store() -> JobStore:
-    """This process's job store (built after fork)."""
-    global _JOBS
-    if _JOBS is None:
-        s = settings()
-        _JOBS = JobStore(connect(s.broker_url), int(s.job_ttl_days * 86400))
-    return _JOBS
-
-
-def send(name: str, kwargs: dict[str, Any], argsrepr: str, countdown: float | None = None
-         ) -> None:
-    """Publish a task by name with a readable argument summary for Flower."""
-    app.send_task(name, kwargs=kwargs, argsrepr="()", kwargsrepr=argsrepr, countdown=countdown)
-
-
-def load_models(s: Settings) -> dict[Mode, LoadedModel]:
-    """Every configured mode's checkpoint, on the CPU (no CUDA before fork)."""
-    from capvst import load_model
-
-    out: dict[Mode, LoadedModel] = {}
-    store = Storage(s, confine_local=False)  # checkpoints are the operator's, not the user's
-    for mode in s.modes:
-        uri, pinned = s.checkpoint_for(mode)
-        out[mode] = load_model(mode, uri, expected_sha256=pinned, storage=store)
-        log.info("loaded %s model %s", mode, out[mode].model_id)
-    return out
+    @classmethod
+    def context(cls) -> WorkerContext:
+        """The context (built on first use outside a worker, e.g. in tests)."""
+        if cls.ctx is None:
+            cls.ctx = build_context(app.conf.capvst_settings, sender(app))
+        return cls.ctx
 
 
 @celery_signals.worker_init.connect
 def _worker_init(sender: Any = None, **_: Any) -> None:
-    global _ROLE
     if sender is None or sender.app is not app:
         return  # another app's worker in this interpreter
     queues = sender.app.amqp.queues
     names = set((queues.consume_from or queues).keys())
-    _ROLE = "stylize" if Queues.STYLIZE.value in names else "schedule"
-    if _ROLE == "stylize":
-        # A bad checkpoint stops the worker's start, loudly, rather than failing every item.
-        # The check runs in a separate interpreter: this parent forks the pool processes and
-        # must not start PyTorch's OpenMP pool, CUDA or S3 connections (docs/ARCHITECTURE.md,
-        # "Before the fork"). Celery only logs exceptions from signal handlers, so leave with
-        # SystemExit.
-        from capvst.preflight import check_models_isolated
+    Process.role = "stylize" if Queues.STYLIZE.value in names else "other"
+    if Process.role != "stylize":
+        return
+    from capvst.jobs import redis_url_has_password
 
-        try:
-            for mode, model_id in check_models_isolated(settings()).items():
-                log.info("checked %s model %s", mode, model_id)
-        except CapvstError as exc:
-            log.critical("capvst worker cannot start: %s", exc.message)
-            raise SystemExit(f"capvst worker cannot start: {exc.message}") from None
+    s = app.conf.capvst_settings
+    if not redis_url_has_password(s.broker_url):
+        log.warning("CAPVST_BROKER_URL has no password: anyone who can reach this Redis can "
+                    "read and change every job (docs/SECURITY.md)")
+    # A bad checkpoint stops the worker's start, loudly, rather than failing every item.
+    # The check runs in a separate interpreter so that this parent starts no OpenMP pool,
+    # CUDA context or S3 connection that the forked pool processes would inherit broken.
+    # Celery only logs exceptions from signal handlers, so leave with SystemExit.
+    from capvst.preflight import check_models_isolated
+
+    try:
+        for mode, model_id in check_models_isolated(s).items():
+            log.info("checked %s model %s", mode, model_id)
+    except CapvstError as exc:
+        log.critical("capvst worker cannot start: %s", exc.message)
+        raise SystemExit(f"capvst worker cannot start: {exc.message}") from None
 
 
 @celery_signals.worker_process_init.connect
 def _process_init(**_: Any) -> None:
-    if _ROLE != "stylize":
+    if Process.role != "stylize":
         return
     try:
-        state = worker_state()
-        for mode in state.models:  # loaded and moved to the device here, after the fork
-            st = state.stylizer(mode)
-            log.info("%s model %s ready on %s", mode, st.model_id, st.device)
+        Process.context()
     except Exception as exc:
         # a process that cannot use its device must not drain the queue with failures:
         # stop the whole worker (warm shutdown hands back what it holds)
@@ -115,188 +95,110 @@ def _process_init(**_: Any) -> None:
         os._exit(1)
 
 
-def worker_state() -> Any:
-    """This process's runner.WorkerState."""
-    global _STATE, _MODELS
-    if _STATE is None:
-        from .runner import WorkerState
+def _note_death(task_id: str) -> None:
+    """Mark the latest run of ``task_id`` dead, so its next run charges the lines it had in
+    flight. Runs in the parent: a short-lived connection, closed before returning, so that no
+    socket is inherited by the pool process forked next."""
+    try:
+        from capvst.jobs import JobStore, connect_settings
 
-        s = settings()
-        if s.torch_threads:
-            import torch
-
-            torch.set_num_threads(s.torch_threads)
-        if not _MODELS:
-            _MODELS = load_models(s)
-        _STATE = WorkerState(s, Storage(s), job_store(), _MODELS, name=_hostname())
-    return _STATE
-
-
-def _hostname() -> str:
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"
+        client = connect_settings(app.conf.capvst_settings, retry_seconds=4)
+        try:
+            JobStore(client).mark_dead(task_id)
+        finally:
+            client.close()
+    except Exception:  # Redis away: the run's lease runs out by itself
+        log.warning("could not note the death of task %s", task_id)
 
 
-class StylizePayload(BaseModel):
-    """Arguments of ``capvst.stylize``."""
+class StylizeRequest(Request):
+    """Celery's request, noting when the pool process running it died (Celery requeues the
+    message then without calling the task's failure handlers)."""
 
-    model_config = ConfigDict(extra="forbid")
-    job: str
-    items: list[Item]
-
-
-def _current_key(task_id: str) -> str:
-    return f"capvst:task:{task_id}:current"
-
-
-def _resend(job: str, items: list[Item], why: str) -> None:
-    if items:
-        send(TaskNames.STYLIZE.value, dict(job=job, items=[i.model_dump() for i in items]),
-             f"job={job} lines={items[0].line}.. items={len(items)} ({why})")
-
-
-def _finalize_due(job: str) -> None:
-    send(TaskNames.FINALIZE.value, dict(job=job), f"job={job}")
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
+                   return_ok: bool = False) -> Any:
+        exc = exc_info.exception
+        exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
+        lost = isinstance(exc, WorkerLostError) or (
+            isinstance(exc, (SystemExit, KeyboardInterrupt))
+            and not (self._already_cancelled or self._already_revoked))
+        if lost:
+            _note_death(self.id)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
 
 
 class StylizeTask(Task):
-    """Handles the hard time limit, which kills the child: the item that was running fails
-    with ``timeout`` and the chunk's other unfinished items are queued again."""
+    """The guarded strategy in front of the consumer, and requests that note dead pool
+    processes."""
 
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
-                   einfo: Any) -> None:
-        if not isinstance(exc, TimeLimitExceeded):
-            return
-        try:
-            payload = StylizePayload.model_validate(kwargs)
-            jobs = job_store()
-            current = jobs.r.get(_current_key(task_id))
-            rest = []
-            for item in payload.items:
-                if jobs.result(payload.job, item.line) is not None:
-                    continue
-                if current is not None and str(item.line) == str(current):
-                    from .runner import _result
-
-                    res = _result(item, "failed", {
-                        "code": "timeout",
-                        "message": f"killed after the hard time limit of "
-                                   f"{settings().task_time_limit} s"},
-                        jobs.tries(payload.job, item.line), float(settings().task_time_limit),
-                        "", None)
-                    _changed, due = jobs.record(payload.job, res)
-                    if due:
-                        _finalize_due(payload.job)
-                else:
-                    rest.append(item)
-            _resend(payload.job, rest, "after a hard timeout")
-        except Exception:  # never let the parent's bookkeeping crash the worker
-            log.exception("could not account for a hard timeout of task %s", task_id)
+    Strategy = GUARDED_STRATEGY
+    Request = StylizeRequest
 
 
 @app.task(name=TaskNames.STYLIZE.value, bind=True, base=StylizeTask, shared=False)
-def stylize(self: Task, job: str, items: list[dict[str, Any]]) -> dict[str, int]:
+def stylize(self: Task, job: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stylize a chunk of one job's items."""
-    from .runner import process_item, write_chunk_results
-
     payload = StylizePayload.model_validate({"job": job, "items": items})
+    ctx = Process.context()
+    s = ctx.settings
     task_id = self.request.id or "local"
+    worker = self.request.hostname or ctx.name
+    started = time.time()
+    soft_deadline = time.monotonic() + s.soft_time_limit - 1.0
+    lines = [i.line for i in payload.items]
     try:
-        state = worker_state()
-        if self.request.hostname:
-            state.name = self.request.hostname  # the name Flower shows, e.g. stylize@node-3
-        ttl = settings().task_time_limit + 600
-        etags: dict[str, str | None] = {}
-        done = 0
-        for k, item in enumerate(payload.items):
-            started = time.monotonic()
+        with Heartbeat(ctx.jobs, task_id, payload.job, lines,
+                       items=[i.model_dump() for i in payload.items],
+                       deadline=started + s.task_time_limit) as hb:
+            runner = ChunkRunner(ctx, payload.job, payload.items, task_id, worker, hb,
+                                 soft_deadline)
+            runner.passthrough = (SoftTimeLimitExceeded,)
             try:
-                res = process_item(
-                    state, payload.job, item, etags, lambda: _finalize_due(payload.job),
-                    current=lambda line: state.jobs.r.set(_current_key(task_id), line, ex=ttl),
-                    passthrough=(SoftTimeLimitExceeded,))
-                done += res is not None
+                outcome = runner.run()
             except SoftTimeLimitExceeded:
-                _soft_timeout(state, payload, k, time.monotonic() - started)
-                break
-        rec = state.jobs.record_of(payload.job)
-        if rec is not None:
-            write_chunk_results(state, payload.job, rec.output, task_id, payload.items)
-        state.jobs.r.delete(_current_key(task_id))
-        return {"items": len(payload.items), "processed": done}
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        # the job store is unreachable even after retries: hand the task back, lose nothing
-        raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
-    except CapvstError as exc:
-        # this process cannot stylize at all (e.g. its model failed to load): the chunk's
-        # unfinished items fail with the reason rather than vanishing with an acked message
-        log.error("task %s: %s", task_id, exc.message)
-        _fail_unfinished(payload, exc.code, exc.message)
-        return {"items": len(payload.items), "processed": 0}
+                rest = runner.on_soft_timeout()
+                runner.flush(force=True)
+                if rest:
+                    ctx.send(TaskNames.STYLIZE.value,
+                             dict(job=payload.job, items=[i.model_dump() for i in rest]),
+                             f"job={payload.job} items={len(rest)} (after a soft timeout)")
+                outcome = runner.outcome
+        return outcome.as_dict()
+    except HandBack as exc:
+        _hand_back(task_id, str(exc), s.retry_backoff_max)
+    except Exception as exc:
+        if is_transient_infrastructure(exc):
+            _hand_back(task_id, f"{type(exc).__name__}: {exc}", s.retry_backoff_max)
+        # a fault of our own: the chunk's unfinished items fail with it rather than vanish
+        # with an acknowledged message (or loop through the queue for ever)
+        log.exception("task %s: internal error", task_id)
+        try:
+            return _fail_unfinished(ctx, payload, f"internal error: {type(exc).__name__}: "
+                                                  f"{exc}")
+        except Exception:
+            _hand_back(task_id, "could not record the internal error", s.retry_backoff_max)
+    raise AssertionError("unreachable")
 
 
-def _fail_unfinished(payload: StylizePayload, code: str, message: str) -> None:
-    from .runner import _result
-
-    jobs = job_store()
-    for item in payload.items:
-        if jobs.result(payload.job, item.line) is None:
-            _changed, due = jobs.record(payload.job, _result(
-                item, "failed", {"code": code, "message": message},
-                jobs.tries(payload.job, item.line), 0.0, "", None))
-            if due:
-                _finalize_due(payload.job)
+def _hand_back(task_id: str, why: str, pause: float) -> None:
+    """Give the message back to the queue: nothing is acknowledged without its results (if
+    Redis refuses even that, the message stays unacknowledged and the reconciler restores
+    it once this run's lease has run out)."""
+    log.warning("task %s: handing the chunk back: %s", task_id, why)
+    time.sleep(min(5.0, pause))
+    raise Reject(why, requeue=True)
 
 
-def _soft_timeout(state: Any, payload: StylizePayload, k: int, elapsed: float) -> None:
-    """The soft limit hit item ``k``: it fails with ``timeout`` if it used most of the time
-    itself, otherwise it and the rest go back to the queue with a fresh budget."""
-    from .runner import _record, _result
+def _fail_unfinished(ctx: WorkerContext, payload: StylizePayload, message: str
+                     ) -> dict[str, Any]:
+    from capvst.results import ItemResult
 
-    limit = settings().soft_time_limit
-    item = payload.items[k]
-    rest = payload.items[k + 1:]
-    if elapsed >= limit / 2:
-        if state.jobs.result(payload.job, item.line) is None:
-            model = state.models[item.mode].model_id if item.mode in state.models else None
-            _record(state, payload.job, _result(
-                item, "failed", {"code": "timeout",
-                                 "message": f"ran past the time limit of {limit} s"},
-                state.jobs.tries(payload.job, item.line), elapsed, state.name, model),
-                lambda: _finalize_due(payload.job))
-    else:
-        rest = payload.items[k:]
-    _resend(payload.job, rest, "after a soft timeout")
-
-
-def _scheduler() -> Any:
-    global _SCHED
-    if _SCHED is None:
-        from scheduler.service import Context
-
-        s = settings()
-        jobs = job_store()
-        _SCHED = Context(s, Storage(s), jobs, send,
-                         lambda: int(jobs.r.llen(Queues.STYLIZE.value)))
-    return _SCHED
-
-
-@app.task(name=TaskNames.EXPAND.value, bind=True, shared=False,
-          autoretry_for=(TransientError, redis.ConnectionError, redis.TimeoutError),
-          retry_backoff=2, retry_backoff_max=60, max_retries=30)
-def expand(self: Task, job: str, epoch: int, offset: int, line: int) -> str:
-    """Expand one slice of a job's manifest."""
-    from scheduler.service import expand_slice
-
-    return expand_slice(_scheduler(), job, int(epoch), int(offset), int(line))
-
-
-@app.task(name=TaskNames.FINALIZE.value, bind=True, shared=False,
-          autoretry_for=(TransientError, redis.ConnectionError, redis.TimeoutError),
-          retry_backoff=2, retry_backoff_max=60, max_retries=30)
-def finalize(self: Task, job: str) -> str:
-    """Write the report of a finished job."""
-    from scheduler.service import finalize_job
-
-    return finalize_job(_scheduler(), job)
+    ranks = ctx.jobs.ranks(payload.job, [i.line for i in payload.items])
+    failures = [ItemResult.of_item(i, "failed", code="model_error", message=message,
+                                   worker=ctx.name, model=ctx.model_id(i.mode))
+                for i, r in zip(payload.items, ranks) if r == 0]
+    _changed, due = ctx.jobs.record(payload.job, failures)
+    if due:
+        ctx.send(TaskNames.FINALIZE.value, {"job": payload.job}, f"job={payload.job}")
+    return {"items": len(payload.items), "processed": len(failures), "failed": len(failures),
+            "codes": {"model_error": len(failures)} if failures else {}, "note": message}

@@ -135,3 +135,37 @@ def test_mask_colours_and_label_maps():
     # single-channel masks are label maps; resized with nearest neighbour to the image size
     m2 = images.decode_mask(_png(Image.fromarray(labels, "L")), (4, 4))
     assert m2.shape == (4, 4) and set(np.unique(m2)) == {0, 7, 200}
+
+
+@pytest.mark.slow
+def test_a_100_megapixel_16_bit_tiff_decodes_in_bounded_memory(tmp_path):
+    """A 16-bit greyscale TIFF of 10000x9990 (a few hundred KB compressed) used to cost about
+    3 GB in float64 temporaries; now its own pixels plus the 8-bit result."""
+    import subprocess
+    import sys
+
+    arr = np.zeros((9990, 10000), dtype=np.uint16)
+    arr[:, ::7] = 40000
+    path = tmp_path / "big16.tif"
+    Image.fromarray(arr).save(path, compression="tiff_deflate")
+    del arr
+    script = (
+        "import resource, sys\n"
+        "from capvst.images import decode_image\n"
+        "img = decode_image(open(sys.argv[1], 'rb').read(), 100_000_000)\n"
+        "assert img.size == (10000, 9990) and img.mode == 'RGB'\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                         text=True, check=True, timeout=300)
+    peak_mib = int(out.stdout.split()[-1]) / 1024
+    assert peak_mib < 1500, f"peak RSS {peak_mib:.0f} MiB"
+
+
+def test_unsupported_or_corrupt_formats_are_bad_images():
+    from capvst.errors import BadImage
+
+    dds = b"DDS " + (124).to_bytes(4, "little") + bytes(120) + b"\x00" * 64
+    tiff = b"II*\x00\x08\x00\x00\x00" + b"\xff" * 64  # a TIFF header with a broken directory
+    for data in (dds, tiff):
+        with pytest.raises(BadImage):
+            images.decode_image(data)

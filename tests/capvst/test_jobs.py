@@ -1,4 +1,5 @@
-"""Job state in a real redis-server: idempotent records, the expansion cursor, finalize, resume."""
+"""Job state in a real redis-server: idempotent records, the expansion cursor, finalize,
+cancel and resume, leases, and a footprint that does not grow with finished jobs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import time
 
 import pytest
 
-from capvst.jobs import JOBS_INDEX, JobRecord, JobStore, connect
+from capvst.jobs import ACTIVE, JOBS_INDEX, JobRecord, JobStore, connect
 from capvst.manifest import JobOptions
+from capvst.results import ErrorInfo, ItemResult
 from tests.services import RedisServer
 
 JOB = "j-0001"
@@ -23,7 +25,8 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 def store(redis_server) -> JobStore:
-    return JobStore(connect(redis_server.url, retry_seconds=10), ttl_seconds=3600)
+    return JobStore(connect(redis_server.url, retry_seconds=10), ttl_seconds=3600,
+                    lease_seconds=5)
 
 
 def make_record(job: str = JOB, created: float = 1_700_000_000.5) -> JobRecord:
@@ -38,11 +41,11 @@ def job(store) -> str:
     return JOB
 
 
-def result(line: int, status: str = "succeeded", code: str | None = None, **kw) -> dict:
-    return {"line": line, "id": None, "content": f"s3://in/c{line}.jpg", "style": "s3://in/s.jpg",
-            "output": f"s3://out/run/c{line}__s.png", "status": status,
-            "error": {"code": code, "message": code} if code else None, "attempts": 1,
-            "seconds": 0.5, "worker": "w1", "model": "untrained", **kw}
+def result(line: int, status: str = "succeeded", code: str | None = None, **kw) -> ItemResult:
+    return ItemResult(line=line, content=f"s3://in/c{line}.jpg", style="s3://in/s.jpg",
+                      output=f"s3://out/run/c{line}__s.png", status=status,  # type: ignore
+                      error=ErrorInfo(code=code, message=code) if code else None, attempts=1,
+                      seconds=0.5, worker=kw.pop("worker", "w1"), model="untrained", **kw)
 
 
 def done_counts(store: JobStore, job: str = JOB) -> tuple[int, int, int]:
@@ -52,10 +55,14 @@ def done_counts(store: JobStore, job: str = JOB) -> tuple[int, int, int]:
 
 
 def expand_all(store: JobStore, job: str, items: int, valid: int | None = None,
-               epoch: int = 0) -> int:
+               epoch: int = 0, failures=()) -> int:
     """One slice from offset 0 to EOF; returns advance's answer."""
     return store.advance(job, epoch, 0, 1000, items + 1, True, items,
-                         items if valid is None else valid)
+                         items if valid is None else valid, failures)
+
+
+def stored(store: JobStore, job: str = JOB) -> list[ItemResult]:
+    return [ItemResult.from_json(x) for x in store.inbox_peek(job, 10_000)]
 
 
 # --- the job -----------------------------------------------------------------------------------
@@ -64,50 +71,40 @@ def test_create_and_read_back(store, redis_server):
     rec = make_record()
     assert not store.exists(JOB) and store.record_of(JOB) is None and store.counts(JOB) is None
     store.create(rec)
-    assert store.exists(JOB)
-    assert store.record_of(JOB) == rec
-    assert store.record_of(JOB).options.mode == "artistic"  # type: ignore[union-attr]
+    assert store.exists(JOB) and store.record_of(JOB) == rec
     c = store.counts(JOB)
     assert c is not None
     assert (c.state, c.total, c.valid, c.expanded_items, c.done) == ("queued", None, None, 0, 0)
     assert (c.cancelled, c.created, c.started, c.finished) == (False, rec.created, None, None)
-    assert redis_server.client().zscore(JOBS_INDEX, JOB) == rec.created
+    r = redis_server.client()
+    assert r.zscore(JOBS_INDEX, JOB) == rec.created and r.sismember(ACTIVE, JOB)
 
 
-def test_fields_and_set(store, job):
-    store.set(job, state="running", started=12.5, errors={"bad_image": 2})
-    f = store.fields(job)
-    assert f["state"] == "running" and f["errors"] == '{"bad_image": 2}'
-    c = store.counts(job)
-    assert c is not None and c.state == "running" and c.started == 12.5
-    assert store.set_if_absent(job, "finalizer", "w1") is True
-    assert store.set_if_absent(job, "finalizer", "w2") is False
-    assert store.fields(job)["finalizer"] == "w1"
+def test_set_never_recreates_an_unknown_job(store, redis_server):
+    store.set("ghost", state="running")
+    assert not redis_server.client().exists("capvst:job:ghost")
 
 
 # --- record ------------------------------------------------------------------------------------
 
 def test_record_counts_each_line_once(store, job):
-    assert store.record(job, result(1)) == (1, False)
-    assert store.record(job, result(1)) == (0, False)
-    assert store.record(job, result(2, "failed", "bad_image")) == (1, False)
-    assert store.record(job, result(2, "failed", "bad_image")) == (0, False)
-    assert store.record(job, result(3, "skipped")) == (1, False)
+    assert store.record(job, [result(1)]) == (1, False)
+    assert store.record(job, [result(1)]) == (0, False)
+    assert store.record(job, [result(2, "failed", "bad_image"), result(3, "skipped")]) == (
+        2, False)
+    assert store.record(job, [result(2, "failed", "bad_image")]) == (0, False)
     assert done_counts(store) == (1, 1, 1)
-    assert store.counts(job).done == 3  # type: ignore[union-attr]
-    assert store.result(job, 2)["error"]["code"] == "bad_image"  # type: ignore[index]
-    assert store.result(job, 99) is None
+    assert store.ranks(job, [1, 2, 3, 4]) == [3, 1, 2, 0]
+    assert [r.line for r in stored(store)] == [1, 2, 3]  # one stored copy per change
 
 
 @pytest.mark.parametrize("worse,better", [
     ("failed", "skipped"), ("failed", "succeeded"), ("skipped", "succeeded")])
 def test_a_better_result_replaces_a_worse_one(store, job, worse, better):
-    store.record(job, result(1, worse, "timeout" if worse == "failed" else None))
-    before = store.counts(job).done  # type: ignore[union-attr]
-    assert store.record(job, result(1, better, worker="w2")) == (2, False)
-    assert store.result(job, 1)["status"] == better  # type: ignore[index]
-    assert store.result(job, 1)["worker"] == "w2"  # type: ignore[index]
-    assert store.counts(job).done == before == 1  # type: ignore[union-attr]
+    store.record(job, [result(1, worse, "timeout" if worse == "failed" else None)])
+    assert store.record(job, [result(1, better, worker="w2")]) == (1, False)
+    assert store.ranks(job, [1]) == [{"skipped": 2, "succeeded": 3}[better]]
+    assert store.counts(job).done == 1  # type: ignore[union-attr]
     expected = {"succeeded": 0, "skipped": 0, "failed": 0, better: 1}
     assert done_counts(store) == (expected["succeeded"], expected["skipped"], expected["failed"])
 
@@ -115,23 +112,16 @@ def test_a_better_result_replaces_a_worse_one(store, job, worse, better):
 @pytest.mark.parametrize("better,worse", [
     ("succeeded", "skipped"), ("succeeded", "failed"), ("skipped", "failed")])
 def test_a_worse_result_never_replaces_a_better_one(store, job, better, worse):
-    store.record(job, result(1, better, worker="first"))
-    assert store.record(job, result(1, worse, "model_error" if worse == "failed" else None,
-                                    worker="second")) == (0, False)
-    assert store.result(job, 1)["status"] == better  # type: ignore[index]
-    assert store.result(job, 1)["worker"] == "first"  # type: ignore[index]
+    store.record(job, [result(1, better, worker="first")])
+    assert store.record(job, [result(1, worse, "model_error" if worse == "failed" else None,
+                                     worker="second")]) == (0, False)
+    assert [r.worker for r in stored(store)] == ["first"]
     assert store.counts(job).done == 1  # type: ignore[union-attr]
 
 
-def test_record_of_an_unknown_job_is_refused(store):
-    assert store.record("ghost", result(1)) == (-1, False)
-    assert store.result("ghost", 1) is None
-
-
-def test_record_rejects_a_bad_status(store, job):
-    with pytest.raises(ValueError, match="bad status 'done'"):
-        store.record(job, result(1, "done"))
-    assert store.counts(job).done == 0  # type: ignore[union-attr]
+def test_record_of_an_unknown_job_is_refused_and_creates_nothing(store, redis_server):
+    assert store.record("ghost", [result(1)]) == (-1, False)
+    assert redis_server.client().keys("capvst:job:ghost*") == []
 
 
 def test_concurrent_duplicate_records_count_once(store, job):
@@ -141,7 +131,7 @@ def test_concurrent_duplicate_records_count_once(store, job):
     def go(n: int) -> None:
         barrier.wait()
         for line in range(1, 51):
-            answers.append(store.record(job, result(line, worker=f"w{n}"))[0])
+            answers.append(store.record(job, [result(line, worker=f"w{n}")])[0])
 
     threads = [threading.Thread(target=go, args=(n,)) for n in range(8)]
     for t in threads:
@@ -152,223 +142,201 @@ def test_concurrent_duplicate_records_count_once(store, job):
     assert done_counts(store) == (50, 0, 0)
 
 
+def test_inbox_peek_and_drop(store, job):
+    store.record(job, [result(n) for n in range(1, 6)])
+    assert store.inbox_length(job) == 5
+    assert [ItemResult.from_json(x).line for x in store.inbox_peek(job, 2)] == [1, 2]
+    store.inbox_drop(job, 2)
+    assert [r.line for r in stored(store)] == [3, 4, 5]
+
+
 # --- expansion cursor and finalize -------------------------------------------------------------
 
 def test_advance_is_a_compare_and_set_on_epoch_and_offset(store, job):
-    assert store.advance(job, 0, 0, 500, 11, False, 10, 9) == 0
-    # the same slice again (a redelivered expand task) and a stale epoch are refused
-    assert store.advance(job, 0, 0, 500, 11, False, 10, 9) == -1
+    bad = [ItemResult(line=3, status="failed", error=ErrorInfo(code="invalid_item",
+                                                               message="x"))]
+    assert store.advance(job, 0, 0, 500, 11, False, 10, 9, bad) == 0
+    # the same slice again (a redelivered expand task) and a stale epoch are refused, and
+    # their failure records are not applied twice
+    assert store.advance(job, 0, 0, 500, 11, False, 10, 9, bad) == -1
     assert store.advance(job, 1, 500, 900, 21, False, 10, 10) == -1
-    assert store.advance(job, 0, 499, 900, 21, False, 10, 10) == -1
+    assert store.counts(job).failed == 1  # type: ignore[union-attr]
     f = store.fields(job)
     assert (f["cursor_offset"], f["cursor_line"]) == ("500", "11")
-    assert store.counts(job).expanded_items == 10  # type: ignore[union-attr]
-    assert store.advance(job, 0, 500, 900, 21, False, 10, 10) == 0
-    assert store.advance(job, 0, 900, 950, 24, True, 3, 1) == 0
+    assert store.advance(job, 0, 500, 900, 21, True, 10, 10) == 0
     c = store.counts(job)
-    assert c is not None
-    assert (c.total, c.valid, c.expanded_items) == (23, 20, 23)
-    assert store.fields(job)["max_line"] == "23"
-
-
-def test_advance_of_an_unknown_job_is_stale(store):
-    assert store.advance("ghost", 0, 0, 10, 2, True, 1, 1) == -1
-    assert store.counts("ghost") is None
+    assert (c.total, c.valid, c.expanded_items) == (20, 19, 20)  # type: ignore[union-attr]
 
 
 def test_finalize_due_on_the_record_that_completes_the_job(store, job):
-    assert expand_all(store, job, 3) == 0  # nothing recorded yet
-    assert store.record(job, result(1)) == (1, False)
-    assert store.record(job, result(2, "failed", "bad_image")) == (1, False)
-    assert store.record(job, result(3, "skipped")) == (1, True)
-    # duplicates and upgrades after that never make it due again
-    assert store.record(job, result(3, "skipped")) == (0, False)
-    assert store.record(job, result(2)) == (2, False)
-    assert store.record(job, result(3)) == (2, False)
-    assert done_counts(store) == (3, 0, 0)
+    assert expand_all(store, job, 3) == 0
+    assert store.record(job, [result(1), result(2)]) == (2, False)
+    assert store.record(job, [result(3, "failed", "bad_image")]) == (1, True)
+    assert store.fields(job)["state"] == "finalizing"
+    # the same result again is not a second "due"
+    assert store.record(job, [result(3, "failed", "bad_image")]) == (0, False)
 
 
 def test_no_finalize_before_expansion_reaches_eof(store, job):
     assert store.advance(job, 0, 0, 100, 3, False, 2, 2) == 0
-    assert store.record(job, result(1)) == (1, False)
-    assert store.record(job, result(2)) == (1, False)  # every known item done, but not EOF
-    assert store.advance(job, 0, 100, 200, 5, False, 2, 2) == 0
-    assert store.record(job, result(3)) == (1, False)
-    assert store.record(job, result(4)) == (1, False)
-    assert store.advance(job, 0, 200, 200, 5, True, 0, 0) == 1  # EOF with all recorded
-    # an empty last slice leaves the cursor where it was, so its redelivery passes the
-    # compare-and-set; it must still not make finalize due twice nor change the totals
-    assert store.advance(job, 0, 200, 200, 5, True, 0, 0) != 1
-    c = store.counts(job)
-    assert c is not None and (c.total, c.valid, c.done) == (4, 4, 4)
+    assert store.record(job, [result(1), result(2)]) == (2, False)
+    assert store.advance(job, 0, 100, 200, 5, True, 2, 2) == 0
+    assert store.record(job, [result(3), result(4)]) == (2, True)
 
 
 def test_finalize_due_on_advance_when_everything_was_recorded(store, job):
-    for line in (1, 2, 3):
-        assert store.record(job, result(line)) == (1, False)
-    assert expand_all(store, job, 3) == 1
-    assert store.record(job, result(1)) == (0, False)
-    assert store.fields(job)["finalize_queued"] == "1"
+    assert store.record(job, [result(1)]) == (1, False)
+    assert expand_all(store, job, 1) == 1
 
 
 def test_empty_manifest_is_due_at_eof(store, job):
-    assert store.advance(job, 0, 0, 0, 1, True, 0, 0) == 1
-    c = store.counts(job)
-    assert c is not None and c.total == 0 and c.valid == 0
+    assert expand_all(store, job, 0) == 1
 
 
 def test_finalize_due_exactly_once_under_concurrency(store, job):
-    expand_all(store, job, 40)
-    barrier = threading.Barrier(8)
+    expand_all(store, job, 200)
+    barrier = threading.Barrier(4)
     dues: list[bool] = []
 
-    def go(n: int) -> None:
+    def go(k: int) -> None:
         barrier.wait()
-        for line in range(1, 41):
-            dues.append(store.record(job, result(line, "succeeded" if n % 2 else "skipped"))[1])
+        for line in range(1 + k, 201, 4):
+            dues.append(store.record(job, [result(line)])[1])
 
-    threads = [threading.Thread(target=go, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
     assert dues.count(True) == 1
-    assert store.counts(job).done == 40  # type: ignore[union-attr]
 
-
-# --- outputs -----------------------------------------------------------------------------------
 
 def test_claim_outputs_first_line_wins(store, job):
-    assert store.claim_outputs(job, []) == []
     assert store.claim_outputs(job, [("s3://o/a.png", 1), ("s3://o/b.png", 2),
                                      ("s3://o/a.png", 3)]) == [1, 2, 1]
-    # re-claiming (a redelivered slice) is idempotent for the owner
-    assert store.claim_outputs(job, [("s3://o/a.png", 1), ("s3://o/b.png", 2)]) == [1, 2]
-    assert store.claim_outputs(job, [("s3://o/b.png", 7), ("s3://o/c.png", 8)]) == [2, 8]
-    assert store.claim_outputs("other-job", [("s3://o/a.png", 9)]) == [9]
-
-
-def test_final_lines_and_tries(store, job):
-    store.record(job, result(2))
-    assert store.final_lines(job, [1, 2, 3]) == [False, True, False]
-    assert store.final_lines(job, []) == []
-    assert [store.start_item(job, 4) for _ in range(3)] == [1, 2, 3]
-    assert store.tries(job, 4) == 0
-    assert [store.count_try(job, 4) for _ in range(2)] == [1, 2]
-    assert store.tries(job, 4) == 2
-
-
-# --- results -----------------------------------------------------------------------------------
-
-def test_iter_results_in_line_order_with_gaps(store, job):
-    recorded = {1, 2, 5, 9, 10}
-    for line in sorted(recorded, reverse=True):
-        store.record(job, result(line, "failed" if line == 5 else "succeeded",
-                                 "bad_image" if line == 5 else None))
-    got = list(store.iter_results(job, 11, batch=3))
-    assert [ln for ln, _ in got] == list(range(1, 12))
-    for ln, rec in got:
-        if ln in recorded:
-            assert rec is not None and rec["line"] == ln
-        else:
-            assert rec is None
-    assert list(store.iter_results(job, 0)) == []
-    failed = list(store.iter_failed(job))
-    assert [r["line"] for r in failed] == [5]
-
-
-def test_import_results(store, job):
-    store.record(job, result(2, "failed", "timeout"))
-    stored = [result(1), result(2, "skipped"), result(3, "failed", "bad_image"), result(1)]
-    assert store.import_results(job, stored) == 2  # lines 1 and 3 are new; 2 is an upgrade
-    assert done_counts(store) == (1, 1, 1)
-    assert store.import_results(job, stored) == 0
-    assert done_counts(store) == (1, 1, 1)
+    # a line re-claiming its own output (a re-run slice) keeps it; others still lose
+    assert store.claim_outputs(job, [("s3://o/a.png", 1), ("s3://o/a.png", 7)]) == [1, 1]
 
 
 # --- cancel and resume -------------------------------------------------------------------------
 
-def test_cancel_then_resume(store, job):
-    store.advance(job, 0, 0, 100, 6, False, 5, 5)
-    store.record(job, result(1))
-    store.record(job, result(2, "skipped"))
-    store.record(job, result(3, "failed", "bad_image"))
-    assert not store.cancelled(job)
-    store.request_cancel(job)
-    assert store.cancelled(job) and store.counts(job).cancelled  # type: ignore[union-attr]
-    store.record(job, result(4, "failed", "cancelled"))
-    store.record(job, result(5, "failed", "cancelled"))
-    store.set(job, state="done", finished=123.0, finalize_queued=1)
-    assert done_counts(store) == (1, 1, 3)
+def test_cancelled_records_count_only_under_their_cancellation(store, job):
+    expand_all(store, job, 4)
+    token = store.request_cancel(job)
+    assert store.request_cancel(job) == token  # one cancellation, one token
+    assert store.record(job, [result(1, "failed", "cancelled")], cancel_token="stale") == (
+        0, False)
+    assert store.record(job, [result(1, "failed", "cancelled")], cancel_token=token) == (
+        1, False)
+    # a resume in between voids the token: a slow worker's cancellations do not count
+    store.uncancel(job, 4)
+    assert store.record(job, [result(2, "failed", "cancelled")], cancel_token=token) == (
+        0, False)
+    assert store.ranks(job, [1, 2]) == [0, 0]
 
-    assert store.reset_for_resume(job) == 1
+
+def test_uncancel_reopens_only_cancelled_lines_in_bounded_steps(store, job):
+    n = 100_000
+    expand_all(store, job, n)
+    token = store.request_cancel(job)
+    cancelled = [result(ln, "failed", "cancelled") for ln in range(1, n + 1, 3)]
+    for i in range(0, len(cancelled), 5000):
+        store.record(job, cancelled[i:i + 5000], cancel_token=token)
+    store.record(job, [result(2, "failed", "bad_image"), result(5)])
+    before = store.counts(job)
+    assert before.failed == len(cancelled) + 1  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    assert store.uncancel(job, n, span=8192) == len(cancelled)
+    assert time.monotonic() - t0 < 30
+    assert done_counts(store) == (1, 0, 1)
+    assert store.ranks(job, [1, 2, 4, 5]) == [0, 1, 0, 3]
     assert not store.cancelled(job)
-    assert done_counts(store) == (1, 1, 1)
-    assert [store.result(job, n) is None for n in range(1, 6)] == [False] * 3 + [True] * 2
+
+
+def test_reset_for_resume_bumps_the_epoch_and_restarts_expansion(store, job):
+    expand_all(store, job, 2)
+    store.record(job, [result(1), result(2)])
+    assert store.reset_for_resume(job) == 1
     f = store.fields(job)
-    assert (f["epoch"], f["cursor_offset"], f["cursor_line"], f["state"]) == ("1", "0", "1",
-                                                                             "queued")
-    assert "finalize_queued" not in f and "expanded" not in f and "finished" not in f
-    c = store.counts(job)
-    assert c is not None and c.total is None and c.expanded_items == 0
-
-    # the old expansion is stale; the new one redoes the slices without double counting
-    assert store.advance(job, 0, 100, 200, 6, True, 0, 0) == -1
-    assert store.advance(job, 1, 0, 100, 6, True, 5, 5) == 0
-    assert store.counts(job).total == 5  # type: ignore[union-attr]
-    assert store.record(job, result(4)) == (1, False)
-    assert store.record(job, result(5)) == (1, True)
+    assert (f["state"], f["cursor_offset"], f["cursor_line"], f["epoch"]) == (
+        "queued", "0", "1", "1")
+    assert "expanded" not in f and "finalize_due" not in f
+    assert store.ranks(job, [1, 2]) == [3, 3]  # final lines stay final
+    assert expand_all(store, job, 2, epoch=1) == 1
 
 
-def test_resume_of_a_cancelled_job_with_no_cancelled_items(store, job):
-    store.record(job, result(1))
-    store.request_cancel(job)
-    assert store.reset_for_resume(job) == 1
-    assert not store.cancelled(job)
-    assert done_counts(store) == (1, 0, 0)
+# --- finish: a finished job's footprint is constant -------------------------------------------
 
-
-def test_resume_without_cancel_keeps_cancelled_failures(store, job):
-    store.record(job, result(1, "failed", "cancelled"))
-    assert store.reset_for_resume(job) == 1
-    assert store.result(job, 1) is not None
-    assert done_counts(store) == (0, 0, 1)
-    assert store.reset_for_resume(job) == 2
-
-
-def test_resume_after_finalize_can_finalize_again(store, job):
-    expand_all(store, job, 1)
-    assert store.record(job, result(1, "failed", "timeout")) == (1, True)
-    store.reset_for_resume(job)
-    assert expand_all(store, job, 1, epoch=1) == 1
-
-
-def test_expire_sets_ttls_and_resume_removes_them(store, job, redis_server):
+def test_finish_keeps_a_summary_and_drops_per_line_state(store, job, redis_server):
+    n = 20_000
+    expand_all(store, job, n)
+    store.claim_outputs(job, [(f"s3://o/{i}.png", i) for i in range(1, n + 1)])
+    for i in range(1, n + 1, 5000):
+        store.record(job, [result(ln) for ln in range(i, min(n, i + 4999) + 1)])
     r = redis_server.client()
-    store.advance(job, 0, 0, 10, 2, True, 1, 1)
-    store.record(job, result(1))
-    store.claim_outputs(job, [("s3://o/a.png", 1)])
-    store.start_item(job, 1)
-    store.count_try(job, 1)
-    keys = [k for k in store._all_keys(job) if r.exists(k)]
-    assert len(keys) == 7
-    assert all(r.ttl(k) == -1 for k in keys)
-    store.expire(job)
-    assert all(0 < r.ttl(k) <= 3600 for k in keys), {k: r.ttl(k) for k in keys}
-    store.reset_for_resume(job)
-    assert all(r.ttl(k) == -1 for k in (store.key(job), store.key(job, "results")))
+    assert store.finish(job, {"state": "done"}) is False  # results still in the inbox
+    store.inbox_drop(job, n)
+    assert store.finish(job, {"state": "done", "n_succeeded": n, "report": "s3://x"}) is True
+    assert sorted(r.keys("capvst:job:*")) == [f"capvst:job:{JOB}"]
+    assert 0 < r.ttl(f"capvst:job:{JOB}") <= 3600
+    assert not r.sismember(ACTIVE, JOB)
+    assert r.memory_usage(f"capvst:job:{JOB}") < 4096
+    c = store.counts(job)
+    assert c is not None and c.state == "done" and c.succeeded == n
 
 
-def test_expired_job_is_gone(redis_server):
-    store = JobStore(connect(redis_server.url), ttl_seconds=1)
-    store.create(make_record("short"))
-    store.record("short", result(1))
-    store.expire("short")
-    deadline = time.monotonic() + 5
-    while store.exists("short") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not store.exists("short")
-    assert store.result("short", 1) is None
+def test_a_result_after_the_report_asks_for_a_refinalize(store, job, redis_server):
+    expand_all(store, job, 2)
+    store.record(job, [result(1), result(2, "failed", "timeout")])
+    store.inbox_drop(job, 2)
+    assert store.finish(job, {"state": "done"})
+    # a late copy of the chunk finished the timed-out item after the report was written
+    assert store.record(job, [result(2)]) == (1, True)
+    assert store.record(job, [result(2, "failed", "bad_image")]) == (0, False)
+    f = store.fields(job)
+    assert f["refinalize"] == "1" and redis_server.client().sismember(ACTIVE, JOB)
+    assert [ItemResult.from_json(x).status for x in store.late_results(job)] == ["succeeded"]
+    assert store.finish(job, {"state": "done"}, late_consumed=1)
+    assert "refinalize" not in store.fields(job)
+
+
+# --- leases ------------------------------------------------------------------------------------
+
+def test_leases_live_while_renewed_and_name_what_was_in_flight(store, job):
+    assert store.lease_take("t1", "run1", job, [1, 2], items=[{"line": 1}]) is None
+    assert store.alive("t1")
+    store.lease_lines("t1", [2])
+    prev = store.lease_take("t1", "run2", job, [1, 2])  # the next run of the same task
+    assert prev is not None and prev.token == "run1" and prev.lines == (2,)
+    store.mark_dead("t1")
+    assert not store.alive("t1") and store.lease_of("t1").dead  # type: ignore[union-attr]
+    store.lease_drop("t1", "run2")
+    assert store.lease_of("t1") is None and store.leases() == []
+
+
+def test_an_unrenewed_lease_runs_out(store, job):
+    store.lease_seconds = 0.5
+    store.lease_take("t2", "run1", job, [3])
+    assert store.alive("t2")
+    time.sleep(1.0)
+    assert not store.alive("t2")
+    assert store.lease_of("t2") is not None  # what it had in flight is still known
+
+
+def test_named_locks(store):
+    assert store.hold("capvst:lock", "a", 5) and store.hold("capvst:lock", "a", 5)
+    assert not store.hold("capvst:lock", "b", 5)
+    store.release("capvst:lock", "a")
+    assert store.hold("capvst:lock", "b", 5)
+
+
+def test_deaths_count_only_unfinished_lines(store, job):
+    store.record(job, [result(1)])
+    store.add_deaths(job, [1, 2])
+    store.add_deaths(job, [2])
+    assert store.deaths(job, [1, 2, 3]) == [0, 2, 0]
+    store.record(job, [result(2, "failed", "model_error")])
+    assert store.deaths(job, [2]) == [0]  # a result clears it
 
 
 # --- Redis restarts ----------------------------------------------------------------------------
@@ -379,10 +347,10 @@ def test_store_survives_a_redis_restart(tmp_path):
         store = JobStore(connect(server.url, retry_seconds=20))
         store.create(make_record())
         expand_all(store, JOB, 2)
-        assert store.record(JOB, result(1)) == (1, False)
+        assert store.record(JOB, [result(1)]) == (1, False)
 
         server.restart()  # the script cache and every connection are gone
-        assert store.record(JOB, result(2)) == (1, True)
+        assert store.record(JOB, [result(2)]) == (1, True)
         assert store.counts(JOB).done == 2  # type: ignore[union-attr]
 
         # a call made while Redis is down waits for it to come back
@@ -391,7 +359,7 @@ def test_store_survives_a_redis_restart(tmp_path):
         starter.start()
         try:
             t0 = time.monotonic()
-            assert store.record(JOB, result(2)) == (0, False)
+            assert store.record(JOB, [result(2)]) == (0, False)
             assert time.monotonic() - t0 >= 0.5
         finally:
             starter.join()

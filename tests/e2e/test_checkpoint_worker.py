@@ -81,5 +81,6 @@ def test_untrained_network_on_purpose(tmp_path, moto_server, s3, bucket):
         assert wait_job(c, job)["succeeded"] == 2
         assert {r["model"] for r in report(s3, bucket, "out", job)} == {"untrained"}
         assert "UNTRAINED" in w.log()
+        assert "has no password" in w.log()  # the test Redis has none: the worker says so
     finally:
         c.stop()

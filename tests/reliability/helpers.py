@@ -65,14 +65,34 @@ def wait_done(c: Cluster, job: str, timeout: float = 180) -> dict[str, Any]:
     return wait_for(done, timeout, f"job {job} to finish", interval=0.5)
 
 
+def in_flight(c: Cluster, job: str) -> list[int]:
+    """Lines of ``job`` that a running task has in flight and that have no result yet."""
+    r = c.redis.client()
+    lines: set[int] = set()
+    for key in r.scan_iter("capvst:lease:*"):
+        lease = r.hgetall(key)
+        if lease.get("job") == job and lease.get("dead") != "1":
+            lines |= {int(x) for x in lease.get("lines", "").split(",") if x}
+    return [ln for ln in sorted(lines) if rank(c, job, ln) == 0]
+
+
+def rank(c: Cluster, job: str, line: int) -> int:
+    """A line's recorded state: 0 none, 1 failed, 2 skipped, 3 succeeded."""
+    return int(c.redis.client().execute_command(
+        "BITFIELD", f"capvst:job:{job}:st", "GET", "u2", f"#{line}")[0])
+
+
+def done_count(c: Cluster, job: str) -> int:
+    """Items of ``job`` with a recorded result."""
+    f = c.redis.client().hgetall(f"capvst:job:{job}")
+    return sum(int(f.get(k, 0)) for k in ("n_succeeded", "n_failed", "n_skipped"))
+
+
 def wait_item_started(c: Cluster, job: str, timeout: float = 60) -> int:
     """A line that a worker has started and not finished."""
-    r = c.redis.client()
 
     def running():
-        started = set(r.hkeys(f"capvst:job:{job}:starts"))
-        finished = set(r.hkeys(f"capvst:job:{job}:results"))
-        busy = sorted(int(x) for x in started - finished)
+        busy = in_flight(c, job)
         return busy[0] if busy else None
 
     return wait_for(running, timeout, "a worker to start an item", interval=0.02)

@@ -6,10 +6,12 @@ import json
 import os
 import signal
 import threading
+import time
 import uuid
 
 from tests.reliability.helpers import (
     assert_exact,
+    rank,
     start_job,
     wait_done,
 )
@@ -49,19 +51,31 @@ def test_same_task_delivered_twice_concurrently(tmp_path, moto_server, s3, vbuck
 
 def _poison_killer(c: Cluster, job: str, line: int, worker, stop: threading.Event,
                    kills: list[int]) -> None:
-    """Kill the worker's pool process whenever it starts the poison line (a crash every
+    """Kill the worker's pool process whenever a run starts the poison line (a crash every
     time: segfault, OOM killer, a native library abort all look like this from outside)."""
     r = c.redis.client()
+    killed: set[str] = set()
+    seen: dict[str, float] = {}
     while not stop.is_set():
-        for key in r.scan_iter("capvst:task:*:current"):
-            if r.get(key) == str(line) and not r.hexists(f"capvst:job:{job}:results", line):
-                for pid in worker.children():
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        kills.append(pid)
-                    except ProcessLookupError:
-                        pass
-                r.delete(key)
+        for key in r.scan_iter("capvst:lease:*"):
+            lease = r.hgetall(key)
+            token = lease.get("token", "")
+            if (lease.get("job") != job or token in killed
+                    or str(line) not in lease.get("lines", "").split(",")):
+                continue
+            # the line kills its worker once the run is past its start-up bookkeeping (a
+            # run that failed the line up front, having counted its deaths, never runs it)
+            first = seen.setdefault(token, time.monotonic())
+            deaths = int(r.hget(f"capvst:job:{job}:deaths", str(line)) or 0)
+            if time.monotonic() - first < 1.0 or deaths >= 3 or rank(c, job, line) != 0:
+                continue
+            killed.add(token)
+            for pid in worker.children():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+                except ProcessLookupError:
+                    pass
         stop.wait(0.02)
 
 
@@ -79,7 +93,7 @@ def test_poison_item_fails_after_bounded_deliveries(tmp_path, moto_server, s3, v
         rows = assert_exact(s3, vbucket, "out", job, N, allowed=("succeeded", "failed"))
         poison = rows[2]
         assert poison["status"] == "failed" and poison["error"]["code"] == "model_error"
-        assert "started 3 times" in poison["error"]["message"]
+        assert "died 3 times" in poison["error"]["message"]
         assert len(kills) == 3
         assert w1.proc.poll() is None  # the worker itself lives on
     finally:

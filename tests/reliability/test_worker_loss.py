@@ -16,8 +16,7 @@ N = 6
 
 
 def test_sigkill_mid_task_is_redelivered(tmp_path, moto_server, s3, vbucket):
-    c = Cluster(tmp_path, moto_server.url, visibility_timeout="8", task_time_limit="6",
-                chunk_size="2")
+    c = Cluster(tmp_path, moto_server.url, chunk_size="2")
     try:
         job, w1 = start_job(c, s3, vbucket, N, 320)
         victim = wait_item_started(c, job)

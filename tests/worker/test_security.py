@@ -76,8 +76,8 @@ def test_worker_refuses_to_start_with_a_bad_checkpoint(tmp_path):
 
 
 def test_only_json_is_accepted():
+    from capvst.broker import create_app
     from capvst.settings import Settings
-    from worker.config import create_app
 
     conf = create_app(Settings()).conf
     assert list(conf.accept_content) == ["json"]
@@ -98,3 +98,15 @@ def test_worker_that_cannot_use_its_device_stops(tmp_path):
         assert "cannot start" in w.log() and "CUDA is not available" in w.log()
     finally:
         c.stop()
+
+
+def test_each_queue_has_its_own_exchange():
+    """A queue bound to another queue's exchange would receive that queue's messages too."""
+    from capvst.broker import Queues, create_app
+    from capvst.settings import Settings
+
+    conf = create_app(Settings()).conf
+    for q in conf.task_queues:
+        assert q.exchange.name == q.name and q.routing_key == q.name
+    assert {q.name for q in conf.task_queues} == {q.value for q in Queues}
+    assert conf.task_routes["capvst.expand"] == {"queue": "capvst.schedule"}

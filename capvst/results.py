@@ -1,0 +1,108 @@
+"""One model for an item's outcome: a line of ``report.jsonl`` (DESIGN.md §6).
+
+Workers, the scheduler (lines that never reach a worker) and the report writer all build
+and read :class:`ItemResult`. The report's keys and their order are fixed; ``finished_at``
+is internal bookkeeping (which of two results of one line is newer) and never reaches the
+report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .manifest import Item, ItemError
+
+Status = Literal["succeeded", "skipped", "failed"]
+#: Precedence of statuses: a line's best result wins; equal ones, the newer.
+RANK: dict[str, int] = {"failed": 1, "skipped": 2, "succeeded": 3}
+REPORT_KEYS = ("line", "id", "content", "style", "output", "status", "error", "attempts",
+               "seconds", "worker", "model")
+
+
+class ErrorInfo(BaseModel):
+    """The report's ``error`` object."""
+
+    model_config = ConfigDict(extra="ignore")
+    code: str
+    message: str
+
+
+class ItemResult(BaseModel):
+    """The outcome of one manifest line."""
+
+    model_config = ConfigDict(extra="ignore")
+    line: int = Field(ge=1)
+    id: str | None = None
+    content: str | None = None
+    style: str | list[str] | None = None
+    output: str | None = None
+    status: Status
+    error: ErrorInfo | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+    worker: str | None = None
+    model: str | None = None
+    mode: str | None = None
+    finished_at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def of_item(cls, item: Item, status: Status, *, code: str | None = None,
+                message: str = "", attempts: int = 0, seconds: float = 0.0,
+                worker: str | None = None, model: str | None = None) -> ItemResult:
+        """A result for a validated item."""
+        return cls(line=item.line, id=item.id, content=item.content, style=item.style_field,
+                   output=item.output, status=status,
+                   error=ErrorInfo(code=code, message=message) if code else None,
+                   attempts=attempts, seconds=round(seconds, 4), worker=worker, model=model,
+                   mode=item.mode)
+
+    @classmethod
+    def of_error(cls, err: ItemError | Item, code: str, message: str) -> ItemResult:
+        """A failed result for a line that never reached a worker."""
+        if isinstance(err, Item):
+            return cls.of_item(err, "failed", code=code, message=message)
+        return cls(line=err.line, id=err.id, content=err.content, style=err.style,
+                   output=err.output, status="failed",
+                   error=ErrorInfo(code=code, message=message))
+
+    @property
+    def code(self) -> str | None:
+        """The error code, if any."""
+        return self.error.code if self.error else None
+
+    @property
+    def rank(self) -> int:
+        """Precedence of the status (higher wins)."""
+        return RANK[self.status]
+
+    def better_than(self, other: ItemResult) -> bool:
+        """Whether this result replaces ``other`` for the same line."""
+        return (self.rank, self.finished_at) > (other.rank, other.finished_at)
+
+    def to_json(self) -> str:
+        """The stored form (report keys plus internal bookkeeping), ASCII-safe."""
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=True)
+
+    def report_line(self) -> dict[str, Any]:
+        """The report's dict, in the report's key order."""
+        d = self.model_dump(mode="json")
+        return {k: d.get(k) for k in REPORT_KEYS}
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ItemResult:
+        """Parse a stored result (Python's JSON reader: it keeps lone surrogates that a
+        manifest line may carry, where stricter readers refuse them)."""
+        return cls.model_validate(json.loads(text))
+
+
+def throughput(done: int, started: float | None, finished: float | None) -> float:
+    """Items per second between ``started`` and ``finished`` (or now): the one way every
+    place computes a job's rate."""
+    if not done or started is None:
+        return 0.0
+    end = finished if finished is not None else time.time()
+    return done / max(end - started, 1e-3)

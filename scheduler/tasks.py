@@ -1,0 +1,108 @@
+"""The scheduler's Celery tasks (queue ``capvst.schedule``): thin wrappers over
+:mod:`scheduler.service`, plus the per-process context and the reconciler thread.
+
+A step that raises is not retried by Celery: its lease runs out and the reconciler sends it
+again (the retry policy, :mod:`capvst.retry`). Malformed messages are dropped by the guard
+in front of the consumer (:func:`capvst.broker.guarded_strategy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Task
+from celery import signals as celery_signals
+
+from capvst.broker import (
+    GUARDED_STRATEGY,
+    ExpandPayload,
+    FinalizePayload,
+    Queues,
+    TaskNames,
+    sender,
+)
+from capvst.heartbeat import Heartbeat
+from capvst.jobs import JobStore, connect_settings
+from capvst.settings import Settings
+from capvst.storage import Storage
+
+from .app import app
+from .reconciler import Reconciler
+from .service import Context, expand_slice, finalize_job
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerContext:
+    """Per-process resources, built once when the pool process starts."""
+
+    current: Context | None = None
+    reconciler: Reconciler | None = None
+
+    @classmethod
+    def get(cls) -> Context:
+        """This process's context (built on first use outside a worker, e.g. in tests)."""
+        if cls.current is None:
+            cls.current = build_context(app.conf.capvst_settings)
+        return cls.current
+
+
+def build_context(s: Settings) -> Context:
+    """Storage, job store and publisher for one scheduler process."""
+    jobs = JobStore(connect_settings(s), int(s.job_ttl_days * 86400), s.lease_seconds)
+    return Context(s, Storage(s), jobs, sender(app),
+                   lambda: int(jobs.r.llen(Queues.STYLIZE.value)))  # type: ignore[arg-type]
+
+
+@contextmanager
+def _channel() -> Iterator[Any]:
+    with app.connection_for_write() as conn:
+        yield conn.default_channel
+
+
+@celery_signals.worker_init.connect
+def _scheduler_init(sender: Any = None, **_: Any) -> None:
+    if sender is None or sender.app is not app:
+        return
+    from capvst.jobs import redis_url_has_password
+
+    if not redis_url_has_password(app.conf.capvst_settings.broker_url):
+        log.warning("CAPVST_BROKER_URL has no password: anyone who can reach this Redis can "
+                    "read and change every job (docs/SECURITY.md)")
+
+
+@celery_signals.worker_process_init.connect
+def _process_init(**_: Any) -> None:
+    ctx = SchedulerContext.get()
+    rec = Reconciler(ctx, _channel)
+    SchedulerContext.reconciler = rec
+    threading.Thread(target=rec.run_forever, name="reconciler", daemon=True).start()
+    log.info("scheduler process ready; reconciler every %.0f s", ctx.settings.reconcile_interval)
+
+
+class SchedulerTask(Task):
+    """Base of the scheduler's tasks: the guarded strategy, no Celery-level retries."""
+
+    Strategy = GUARDED_STRATEGY
+
+
+@app.task(name=TaskNames.EXPAND.value, bind=True, base=SchedulerTask, shared=False)
+def expand(self: Task, job: str, epoch: int, offset: int, line: int) -> str:
+    """Expand one slice of a job's manifest."""
+    p = ExpandPayload(job=job, epoch=epoch, offset=offset, line=line)
+    ctx = SchedulerContext.get()
+    with Heartbeat(ctx.jobs, self.request.id or f"expand-{p.job}", p.job):
+        return expand_slice(ctx, p.job, p.epoch, p.offset, p.line)
+
+
+@app.task(name=TaskNames.FINALIZE.value, bind=True, base=SchedulerTask, shared=False)
+def finalize(self: Task, job: str) -> str:
+    """Write the report of a finished job."""
+    p = FinalizePayload(job=job)
+    ctx = SchedulerContext.get()
+    with Heartbeat(ctx.jobs, self.request.id or f"finalize-{p.job}", p.job):
+        return finalize_job(ctx, p.job)

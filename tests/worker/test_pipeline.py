@@ -1,0 +1,164 @@
+"""The stylize pipeline on real Redis and real files, with the bench's stand-in model (a
+fixed pause; the output is the resized content) so no network runs: trust, provenance,
+deaths, cancellation, batching of bookkeeping, and handing back under Redis faults."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from capvst.heartbeat import Heartbeat
+from capvst.jobs import JobRecord, JobStore, connect
+from capvst.manifest import Item, JobOptions
+from capvst.settings import Settings
+from capvst.storage import META_JOB, META_LINE, Storage, file_uri
+from tests.data import image_bytes
+from tests.services import RedisServer
+from worker.context import WorkerContext
+from worker.pipeline import ChunkRunner, HandBack
+
+JOB = "job-p"
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def setup(redis_server, tmp_path):
+    s = Settings(broker_url=redis_server.url, local_root=tmp_path, standin_model_seconds=0.0,
+                 lease_seconds=3, retry_backoff=0.01, retry_backoff_max=0.05,
+                 inflight_items=3, flush_seconds=60, task_max_retries=1)
+    jobs = JobStore(connect(redis_server.url, retry_seconds=4), 3600, s.lease_seconds)
+    sent: list = []
+    ctx = WorkerContext(s, Storage(s), jobs, lambda n, k, r: sent.append((n, k)), {},
+                        fetch_pool=ThreadPoolExecutor(2), encode_pool=ThreadPoolExecutor(2))
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        (tmp_path / "in" / f"c{i}.png").write_bytes(image_bytes((40, 32), seed=i))
+    (tmp_path / "in" / "s.png").write_bytes(image_bytes((32, 32), seed=9))
+    rec = JobRecord(id=JOB, manifest=file_uri(str(tmp_path / "m.jsonl")),
+                    base=file_uri(str(tmp_path / "m.jsonl")),
+                    output=file_uri(str(tmp_path / "out")), options=JobOptions(), created=1.0)
+    jobs.create(rec)
+    return ctx, rec, sent, tmp_path
+
+
+def item(tmp: Path, n: int, **kw) -> Item:
+    return Item(line=n + 1, content=file_uri(str(tmp / "in" / f"c{n}.png")),
+                styles=[file_uri(str(tmp / "in" / "s.png"))], mode="photorealistic",
+                max_size=64, output=kw.pop("output", file_uri(str(tmp / "out" / f"o{n}.png"))),
+                format="png", **kw)
+
+
+def run(ctx, items, task="t1", job=JOB):
+    with Heartbeat(ctx.jobs, task, job, [i.line for i in items],
+                   items=[i.model_dump() for i in items],
+                   deadline=time.time() + 600) as hb:
+        runner = ChunkRunner(ctx, job, items, task, "w@test", hb)
+        return runner.run()
+
+
+def test_a_chunk_runs_through_and_records_in_batches(setup, redis_server):
+    ctx, rec, _sent, tmp = setup
+    r = redis_server.client()
+    r.config_resetstat()
+    out = run(ctx, [item(tmp, n) for n in range(6)])
+    assert (out.succeeded, out.failed, out.processed) == (6, 0, 6)
+    assert ctx.jobs.ranks(JOB, list(range(1, 7))) == [3] * 6
+    calls = int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    assert calls <= 3, calls  # one round trip per batch of results, not one per item
+    meta = ctx.storage.metadata(file_uri(str(tmp / "out" / "o2.png")))
+    assert meta == {META_JOB: JOB, META_LINE: "3"}
+
+
+def test_outputs_already_written_by_this_item_count_as_succeeded(setup):
+    ctx, _rec, _sent, tmp = setup
+    mine = file_uri(str(tmp / "out" / "o0.png"))
+    other = file_uri(str(tmp / "out" / "o1.png"))
+    ctx.storage.write(mine, b"partial run", metadata={META_JOB: JOB, META_LINE: "1"})
+    ctx.storage.write(other, b"earlier job", metadata={META_JOB: "older", META_LINE: "9"})
+    out = run(ctx, [item(tmp, 0), item(tmp, 1)])
+    assert (out.succeeded, out.skipped) == (1, 1)
+    assert (tmp / "out" / "o0.png").read_bytes() == b"partial run"  # never recomputed
+
+
+def test_a_forged_chunk_for_an_unknown_job_writes_nothing(setup, redis_server):
+    ctx, _rec, _sent, tmp = setup
+    out = run(ctx, [item(tmp, 0)], job="ghost")
+    assert out.note == "unknown job" and out.processed == 0
+    assert not (tmp / "out").exists()
+    assert redis_server.client().keys("capvst:job:ghost*") == []
+
+
+def test_forged_outputs_outside_the_prefix_or_in_capvst_folder_fail(setup):
+    ctx, _rec, _sent, tmp = setup
+    items = [item(tmp, 0, output=file_uri(str(tmp / "out" / "_capvst" / "evil.png"))),
+             item(tmp, 1, output=file_uri(str(tmp / "elsewhere" / "x.png"))),
+             item(tmp, 2, output=f"file://{tmp}/out/../escaped/x.png")]
+    out = run(ctx, items)
+    assert out.failed == 3 and out.succeeded == 0
+    assert not (tmp / "out" / "_capvst" / "evil.png").exists()
+    assert not (tmp / "elsewhere").exists() and not (tmp / "escaped").exists()
+
+
+def test_a_dead_earlier_run_charges_its_lines_and_isolates_them(setup):
+    ctx, _rec, _sent, tmp = setup
+    items = [item(tmp, n) for n in range(3)]
+    ctx.jobs.lease_take("t1", "dead-run", JOB, [1, 2, 3])
+    ctx.jobs.mark_dead("t1")  # what the worker's parent notes when a pool process dies
+    ctx.settings.max_deliveries = 1
+    out = run(ctx, items)
+    assert out.failed == 3
+    assert {c for c in out.codes} == {"model_error"}
+
+
+def test_the_earlier_run_that_passed_the_hard_limit_times_its_items_out(setup):
+    ctx, _rec, _sent, tmp = setup
+    items = [item(tmp, n) for n in range(3)]
+    ctx.jobs.lease_take("t1", "slow-run", JOB, [2], deadline=time.time() - 1)
+    ctx.jobs.mark_dead("t1")
+    out = run(ctx, items)
+    assert out.codes == {"timeout": 1} and out.succeeded == 2
+
+
+def test_a_cancelled_job_fails_its_queued_items(setup):
+    ctx, _rec, _sent, tmp = setup
+    ctx.jobs.request_cancel(JOB)
+    out = run(ctx, [item(tmp, n) for n in range(4)])
+    assert out.codes == {"cancelled": 4}
+    assert not (tmp / "out").exists()
+
+
+def test_bookkeeping_refused_by_redis_hands_the_chunk_back(setup, redis_server):
+    ctx, _rec, _sent, tmp = setup
+    r = redis_server.client()
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)  # every write is refused: out of memory
+    try:
+        ctx.jobs.lease_seconds = 3
+        hb = Heartbeat(ctx.jobs, "t9", JOB, [1])
+        hb.previous = None
+        runner = ChunkRunner(ctx, JOB, [item(tmp, 0)], "t9", "w", hb,
+                             soft_deadline=time.monotonic() + 2)
+        with pytest.raises(HandBack, match="OutOfMemory|OOM"):
+            runner.run()
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            hb.__enter__()  # the task turns this into a hand-back too
+    finally:
+        r.config_set("maxmemory", 0)
+    assert ctx.jobs.ranks(JOB, [1]) == [0]  # nothing recorded, nothing lost: handed back
+
+
+def test_chunk_outcome_is_json(setup):
+    ctx, _rec, _sent, tmp = setup
+    out = run(ctx, [item(tmp, 0)])
+    assert json.loads(json.dumps(out.as_dict()))["succeeded"] == 1
