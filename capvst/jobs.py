@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import redis
 from pydantic import BaseModel, ConfigDict
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from .manifest import JobOptions, ManifestFormat
 
@@ -133,14 +135,54 @@ class Counts:
         return self.succeeded + self.failed + self.skipped
 
 
-def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
-    """A client that rides out Redis restarts: connection errors retried with backoff."""
+def connect(url: str, *, retry_seconds: float = 60.0, sentinel_master: str | None = None,
+            sentinel_password: str | None = None) -> redis.Redis:
+    """A client that rides out Redis restarts: connection errors retried with backoff.
+
+    ``url`` is a ``redis://``/``rediss://`` URL, or Celery's ``sentinel://h1:26379;
+    sentinel://h2:26379`` list, which needs ``sentinel_master``; the client then asks the
+    sentinels for the current master and follows a failover.
+    """
     attempts = max(1, int(retry_seconds // 2))
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5,
+    options: dict[str, Any] = dict(
+        decode_responses=True, socket_timeout=30, socket_connect_timeout=5,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=4.0, base=0.1), attempts),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    if not url.strip().lower().startswith("sentinel://"):
+        return redis.Redis.from_url(url, **options)
+    if not sentinel_master:
+        raise ValueError("a sentinel:// URL needs the master's name (CAPVST_SENTINEL_MASTER)")
+    hosts, master_auth = _sentinel_hosts(url)
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    sentinels = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
+    return sentinels.master_for(sentinel_master, redis_class=redis.Redis, **master_auth,
+                                **options)
+
+
+def _sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Sentinel addresses of ``sentinel://…;sentinel://…`` and, as Celery reads them, the
+    master's username, password and database from the first URL."""
+    hosts: list[tuple[str, int]] = []
+    auth: dict[str, Any] = {}
+    for n, part in enumerate(p.strip() for p in url.split(";")):
+        if not part:
+            continue
+        u = urlsplit(part)
+        if u.scheme.lower() != "sentinel" or not u.hostname:
+            raise ValueError(f"not a sentinel:// URL: {part.split('@')[-1]!r}")
+        hosts.append((u.hostname, u.port or 26379))
+        if n == 0:
+            if u.username:
+                auth["username"] = unquote(u.username)
+            if u.password:
+                auth["password"] = unquote(u.password)
+            db = u.path.strip("/")
+            if db:
+                auth["db"] = int(db)
+    return hosts, auth
 
 
 class JobStore:

@@ -50,8 +50,11 @@ class Client:
 
     def __post_init__(self) -> None:
         self.storage = Storage(self.settings, confine_local=False)
-        self.jobs = JobStore(connect(self.settings.broker_url, retry_seconds=10),
-                             int(self.settings.job_ttl_days * 86400))
+        s = self.settings
+        self.jobs = JobStore(connect(s.broker_url, retry_seconds=10,
+                                     sentinel_master=s.sentinel_master,
+                                     sentinel_password=s.sentinel_password),
+                             int(s.job_ttl_days * 86400))
         from worker.config import create_app
 
         self.app = create_app(self.settings)

@@ -51,7 +51,9 @@ def job_store() -> JobStore:
     global _JOBS
     if _JOBS is None:
         s = settings()
-        _JOBS = JobStore(connect(s.broker_url), int(s.job_ttl_days * 86400))
+        _JOBS = JobStore(connect(s.broker_url, sentinel_master=s.sentinel_master,
+                                 sentinel_password=s.sentinel_password),
+                         int(s.job_ttl_days * 86400))
     return _JOBS
 
 
