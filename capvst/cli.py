@@ -23,6 +23,7 @@ from .cli_common import Fail as _Fail
 from .cli_common import err as _err
 from .cli_common import info as _info
 from .cli_common import load_settings as _settings
+from .cli_common import weights as _weights
 from .errors import CapvstError
 from .images import DEFAULT_MAX_SIZE, OUTPUT_FORMATS
 from .types import MODES
@@ -46,16 +47,6 @@ def _unit_float(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
     return v
-
-
-def _weights(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"weights must be numbers: {text!r}") from None
-    if not out or any(x < 0 for x in out) or sum(out) <= 0:
-        raise argparse.ArgumentTypeError("weights must be non-negative with a positive sum")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

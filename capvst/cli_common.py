@@ -124,6 +124,17 @@ def parser_kwargs(**kw: Any) -> dict[str, Any]:
     return kw
 
 
+def weights(text: str) -> list[float]:
+    """``--style-weights 0.3,0.7``: non-negative numbers with a positive sum."""
+    try:
+        out = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights must be numbers: {text!r}") from None
+    if not out or any(x < 0 or x != x or x == float("inf") for x in out) or sum(out) <= 0:
+        raise argparse.ArgumentTypeError("weights must be non-negative with a positive sum")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # services that cannot be reached
 # ---------------------------------------------------------------------------------------------
@@ -256,4 +267,4 @@ def check_s3_credentials(settings: Settings) -> None:
 __all__ = ["EXIT_CODES_HELP", "EXIT_ERROR", "EXIT_FAILED_ITEMS", "EXIT_OK", "EXIT_UNREACHABLE",
            "EXIT_USAGE", "PASSTHROUGH", "Fail", "Parser", "check_broker",
            "check_s3_credentials", "err", "info", "load_settings", "mask_url",
-           "parser_kwargs", "service_failure", "subparser"]
+           "parser_kwargs", "service_failure", "subparser", "weights"]

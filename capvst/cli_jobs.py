@@ -23,9 +23,10 @@ from .cli_common import (
     info,
     load_settings,
     parser_kwargs,
+    weights,
 )
 from .images import OUTPUT_FORMATS
-from .types import MODES
+from .types import MODES, SUBMIT_FORMATS
 
 if TYPE_CHECKING:
     from scheduler.client import Client
@@ -52,11 +53,21 @@ JSON_HELP = "print one JSON object on stdout instead of text"
 
 def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", metavar="MANIFEST",
-                   help="s3://, file:// or a local path (.jsonl or .csv); a local file is "
-                        "uploaded next to the outputs")
+                   help="s3://, file:// or a local path: JSON Lines, CSV with a header, an S3 "
+                        "Batch Operations CSV or an S3 Inventory manifest.json; a local file "
+                        "is uploaded next to the outputs")
     p.add_argument("--output", metavar="PREFIX",
                    help="where outputs and the report go (default: MANIFEST's folder + "
                         "'/<manifest stem>-output')")
+    p.add_argument("--manifest-format", choices=SUBMIT_FORMATS, metavar="FORMAT",
+                   help="jsonl, csv (with a header), s3-batch (bucket,key[,versionId] rows, "
+                        "no header) or s3-inventory (an S3 Inventory manifest.json); default: "
+                        "told from the manifest's first line")
+    p.add_argument("--style", action="append", metavar="URI", dest="styles",
+                   help="style of every line that names none; repeat to mix styles (needed "
+                        "for s3-batch and s3-inventory, whose lines are only contents)")
+    p.add_argument("--style-weights", type=weights, metavar="W1,W2",
+                   help="mixing weights, one per --style (normalised to sum 1; default equal)")
     p.add_argument("--mode", choices=MODES, default="photorealistic",
                    help="default mode of items (default photorealistic)")
     p.add_argument("--max-size", type=int, default=1280, metavar="N",
@@ -115,18 +126,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from scheduler.client import JobError, exit_code_for
 
+    from .errors import CapvstError
     from .manifest import JobOptions
+    from .storage import parse
 
+    if args.style_weights is not None and len(args.style_weights) != len(args.styles or []):
+        raise Fail(f"{len(args.style_weights)} --style-weights for {len(args.styles or [])} "
+                   "--style", EXIT_USAGE)
     try:
-        options = JobOptions(mode=args.mode, max_size=args.max_size, format=args.format)
+        # a style on the command line is relative to here, not to the manifest
+        styles = [parse(s).uri for s in args.styles] if args.styles else None
+        options = JobOptions(mode=args.mode, max_size=args.max_size, format=args.format,
+                             styles=styles, style_weights=args.style_weights)
+    except CapvstError as exc:
+        raise Fail(f"bad --style: {exc.message}", EXIT_USAGE) from None
     except ValidationError as exc:
         raise Fail(f"bad option: {exc.errors()[0]['msg']}", EXIT_USAGE) from None
     settings = load_settings()
-    if any(u.startswith("s3://") for u in (args.manifest, args.output or "")):
+    if any(u.startswith("s3://") for u in (args.manifest, args.output or "", *(styles or []))):
         check_s3_credentials(settings)
     client = _client(settings)
     try:
-        rec = client.submit(args.manifest, args.output, options)
+        rec = client.submit(args.manifest, args.output, options, args.manifest_format,
+                            progress=info)
     except JobError as exc:
         return _fail_job(exc)
     if not args.json or not args.wait:
