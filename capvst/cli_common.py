@@ -167,8 +167,12 @@ def _redis_failure(exc: BaseException, settings: Settings | None) -> str | None:
     where = f" at {mask_url(url)}" if url else ""
     if isinstance(exc, MasterNotFoundError):
         master = settings.sentinel_master if settings else None
+        if "AuthenticationError" in str(exc):
+            return (f"the Redis Sentinels{where} refused the credentials "
+                    "(CAPVST_SENTINEL_PASSWORD)")
         return (f"no Redis Sentinel{where} (CAPVST_BROKER_URL) answers for the master "
-                f"{master!r} (CAPVST_SENTINEL_MASTER): {exc}")
+                f"{master!r} (CAPVST_SENTINEL_MASTER): none is reachable or none monitors "
+                "that name")
     text = str(exc)
     if isinstance(exc, redis.AuthenticationError) or (
             isinstance(exc, redis.ResponseError) and text.startswith(("WRONGPASS", "NOAUTH"))):

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from pydantic import BaseModel, ConfigDict
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -154,34 +154,40 @@ def connect(url: str, *, retry_seconds: float = 60.0, sentinel_master: str | Non
     if not sentinel_master:
         raise ValueError("a sentinel:// URL needs the master's name (CAPVST_SENTINEL_MASTER)")
     hosts, master_auth = _sentinel_hosts(url)
-    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
-    if sentinel_password:
-        sentinel_kwargs["password"] = sentinel_password
-    sentinels = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
+    sentinels = Sentinel(hosts, sentinel_kwargs=sentinel_client_options(sentinel_password))
     return sentinels.master_for(sentinel_master, redis_class=redis.Redis, **master_auth,
                                 **options)
 
 
+def sentinel_client_options(password: str | None = None) -> dict[str, Any]:
+    """Options of the connections to the sentinels themselves (Celery's ``sentinel_kwargs``
+    too): each sentinel is asked once, with timeouts, and the next one tried at once. A down
+    sentinel would otherwise cost every new connection redis-py's default retries (seconds)
+    and an unreachable host could block it."""
+    out: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5,
+                           "retry": Retry(NoBackoff(), 0)}
+    if password:
+        out["password"] = password
+    return out
+
+
 def _sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """Sentinel addresses of ``sentinel://…;sentinel://…`` and, as Celery reads them, the
-    master's username, password and database from the first URL."""
+    """Sentinel addresses of ``sentinel://…;sentinel://…`` and the master's username,
+    password and database, from the first URL that has them (Celery reads them from the URL
+    it is connected through, so every URL should carry the same)."""
     hosts: list[tuple[str, int]] = []
     auth: dict[str, Any] = {}
-    for n, part in enumerate(p.strip() for p in url.split(";")):
+    for part in (p.strip() for p in url.split(";")):
         if not part:
             continue
         u = urlsplit(part)
         if u.scheme.lower() != "sentinel" or not u.hostname:
             raise ValueError(f"not a sentinel:// URL: {part.split('@')[-1]!r}")
         hosts.append((u.hostname, u.port or 26379))
-        if n == 0:
-            if u.username:
-                auth["username"] = unquote(u.username)
-            if u.password:
-                auth["password"] = unquote(u.password)
-            db = u.path.strip("/")
-            if db:
-                auth["db"] = int(db)
+        db = u.path.strip("/")
+        for key, value in (("username", u.username), ("password", u.password), ("db", db)):
+            if value and key not in auth:
+                auth[key] = int(value) if key == "db" else unquote(value)
     return hosts, auth
 
 

@@ -13,6 +13,7 @@ from enum import Enum
 from celery import Celery
 from kombu import Queue
 
+from capvst.jobs import sentinel_client_options
 from capvst.settings import Settings
 
 
@@ -44,8 +45,7 @@ def transport_options(settings: Settings) -> dict[str, object]:
     }
     if settings.uses_sentinel:  # sentinel://h1:26379;sentinel://h2:26379 (Redis Sentinel)
         opts["master_name"] = settings.sentinel_master
-        if settings.sentinel_password:
-            opts["sentinel_kwargs"] = {"password": settings.sentinel_password}
+        opts["sentinel_kwargs"] = sentinel_client_options(settings.sentinel_password)
     return opts
 
 
