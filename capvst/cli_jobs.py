@@ -145,6 +145,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = load_settings()
     if any(u.startswith("s3://") for u in (args.manifest, args.output or "", *(styles or []))):
         check_s3_credentials(settings)
+    _warn_outside_local_root(settings, args.manifest, args.output)
     client = _client(settings)
     try:
         rec = client.submit(args.manifest, args.output, options, args.manifest_format,
@@ -160,6 +161,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     st["exit_code"] = exit_code_for(st)
     _print_summary(st, args.json)
     return int(st["exit_code"])
+
+
+def _warn_outside_local_root(settings: Settings, manifest: str, output: str | None) -> None:
+    """The scheduler and workers use local paths only under their CAPVST_LOCAL_ROOT; say so
+    when this environment's would refuse a local manifest or output."""
+    from .errors import CapvstError
+    from .storage import Storage, parse
+
+    local = [u for u in (manifest, output) if u and not u.startswith("s3://")]
+    if output is None and not manifest.startswith("s3://"):
+        try:
+            local.append(os.path.dirname(parse(manifest).path))  # the default output's folder
+        except CapvstError:
+            pass  # submit says what is wrong with the manifest
+    store = Storage(settings)
+    for uri in local:
+        try:
+            store.check(uri)
+        except CapvstError as exc:
+            info(f"capvst: warning: {uri}: {exc.message}; the scheduler and workers refuse it "
+                 "unless their CAPVST_LOCAL_ROOT contains it")
+            return
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -258,3 +258,21 @@ def test_no_s3_credentials(locked_redis, tmp_path):
 def test_a_sentinel_url_needs_the_master_name():
     proc = _capvst("status", "JOB", env=_env(CAPVST_BROKER_URL="sentinel://127.0.0.1:26379"))
     _one_line(proc, 2, "CAPVST_SENTINEL_MASTER")
+
+
+def test_submit_warns_about_local_paths_outside_the_local_root(locked_redis, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"content": "a.jpg", "style": "b.jpg"}\n')
+    env = _env(CAPVST_BROKER_URL=locked_redis.url, CAPVST_LOCAL_ROOT=str(tmp_path / "root"))
+    proc = _capvst("submit", str(manifest), "--output", str(tmp_path / "out"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "capvst: warning:" in proc.stderr and "CAPVST_LOCAL_ROOT" in proc.stderr
+    env["CAPVST_LOCAL_ROOT"] = str(tmp_path)
+    proc = _capvst("submit", str(manifest), env=env)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+def test_style_weights_need_as_many_styles(capsys):
+    assert _run(["submit", "m.jsonl", "--style", "a.jpg", "--style-weights", "1,2"],
+                _parser) == 2
+    assert "2 --style-weights for 1 --style" in capsys.readouterr().err
