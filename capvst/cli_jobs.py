@@ -145,8 +145,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = load_settings()
     if any(u.startswith("s3://") for u in (args.manifest, args.output or "", *(styles or []))):
         check_s3_credentials(settings)
-    _warn_outside_local_root(settings, args.manifest, args.output)
     client = _client(settings)
+    _warn_outside_local_root(settings, args.manifest, args.output)
     try:
         rec = client.submit(args.manifest, args.output, options, args.manifest_format,
                             progress=info)
