@@ -88,7 +88,7 @@ class Parser(argparse.ArgumentParser):
         argv = list(sys.argv[1:] if args is None else args)
         command = next((a for a in argv if not a.startswith("-")), None)
         verbatim: list[str] = []
-        if command in PASSTHROUGH:
+        if command in PASSTHROUGH and subparser(self, command) is not None:
             at = argv.index(command)
             if "--" in argv[at + 1:]:
                 cut = argv.index("--", at + 1)
