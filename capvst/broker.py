@@ -79,14 +79,20 @@ ROUTES = {TaskNames.STYLIZE.value: Queues.STYLIZE.value,
 def transport_options(settings: Settings) -> dict[str, object]:
     """Redis transport options: the visibility timeout, and a restore sweep frequent enough
     that a lost worker's task comes back soon after the timeout passes."""
+    from .jobs import sentinel_client_options
+
     vt = settings.visibility_timeout
-    return {
+    opts: dict[str, object] = {
         "visibility_timeout": vt,
         "unacked_restore_interval": max(1, min(10, vt // 10)),
         "unacked_restore_throttle": 1 if vt < 600 else 10,
         "socket_keepalive": True,
         "health_check_interval": 15,
     }
+    if settings.uses_sentinel:  # sentinel://h1:26379;sentinel://h2:26379 (Redis Sentinel)
+        opts["master_name"] = settings.sentinel_master
+        opts["sentinel_kwargs"] = sentinel_client_options(settings.sentinel_password)
+    return opts
 
 
 def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:

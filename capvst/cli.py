@@ -1,8 +1,10 @@
 """The ``capvst`` and ``capvst-submit`` commands (DESIGN.md §3).
 
-Exit codes: 0 success; 1 an input, model or service error (one line on stderr); 2 usage or an
-unusable manifest; 3 a job that finished with failed items. Tracebacks are shown only with
-``CAPVST_DEBUG=1``.
+Exit codes (also in every ``--help``): 0 success; 1 an input, model or job error (one line on
+stderr); 2 usage, a bad setting or an unusable manifest; 3 a job that finished with failed
+items; 4 a service (Redis broker or Sentinel, S3) unreachable or refusing the credentials.
+Tracebacks are shown only with ``CAPVST_DEBUG=1``. Arguments are parsed before anything heavy
+is imported, so usage errors are answered at once.
 """
 
 from __future__ import annotations
@@ -16,41 +18,15 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
+from .cli_common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, parser_kwargs, service_failure
+from .cli_common import Fail as _Fail
+from .cli_common import err as _err
+from .cli_common import info as _info
+from .cli_common import load_settings as _settings
+from .cli_common import weights as _weights
 from .errors import CapvstError
 from .images import DEFAULT_MAX_SIZE, OUTPUT_FORMATS
 from .types import MODES
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS = 0, 1, 2, 3
-
-
-class _Fail(Exception):
-    """A one-line failure with an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _err(msg: str) -> None:
-    print(f"capvst: error: {msg}", file=sys.stderr, flush=True)
-
-
-def _info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _settings():  # type: ignore[no-untyped-def]
-    from pydantic import ValidationError
-
-    from .settings import Settings
-
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        name = f"CAPVST_{where.upper()}" if where != "settings" else "CAPVST_* settings"
-        raise _Fail(f"bad setting {name}: {first.get('msg')}", EXIT_USAGE) from None
 
 
 def _positive_int(text: str) -> int:
@@ -73,26 +49,17 @@ def _unit_float(text: str) -> float:
     return v
 
 
-def _weights(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"weights must be numbers: {text!r}") from None
-    if not out or any(x < 0 for x in out) or sum(out) <= 0:
-        raise argparse.ArgumentTypeError("weights must be non-negative with a positive sum")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # capvst stylize
 # ---------------------------------------------------------------------------------------------
 def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "stylize", help="stylize images in this process (no queue)",
-        description="Stylize one content image into the file OUT, or several into the folder "
-                    "OUT (named after each content's stem). Inputs are local paths, file:// or "
-                    "s3:// URIs.")
-    p.add_argument("contents", nargs="+", metavar="CONTENT", help="content image(s)")
+        "stylize", help="stylize images in this process (no queue)", **parser_kwargs(
+            description="Stylize one content image into the file OUT, or several into the "
+                        "folder OUT (named after each content's stem). Inputs are local paths, "
+                        "file:// or s3:// URIs. No Redis or workers are involved."))
+    p.add_argument("contents", nargs="+", metavar="CONTENT",
+                   help="content image(s): a path, file:// or s3:// URI")
     p.add_argument("--style", action="append", required=True, metavar="S",
                    help="style image; repeat to mix several styles")
     p.add_argument("--style-weights", type=_weights, metavar="W1,W2",
@@ -224,9 +191,10 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 # entry points
 # ---------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="capvst", description="Batch style transfer with CAP-VSTNet: stylize images "
-        "locally or run and manage queued jobs.")
+    p = Parser(prog="capvst", **parser_kwargs(
+        description="Batch style transfer with CAP-VSTNet: stylize images locally, or run and "
+                    "manage queued jobs (Redis, a scheduler and GPU workers). `capvst COMMAND "
+                    "--help` describes each command."))
     p.add_argument("--version", action="version", version=f"capvst {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_stylize(sub)
@@ -236,26 +204,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings_or_none():  # type: ignore[no-untyped-def]
+    try:
+        return _settings()
+    except _Fail:
+        return None
+
+
 def _run(argv: Sequence[str] | None, build: Callable[[], argparse.ArgumentParser]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     debug = os.environ.get("CAPVST_DEBUG") == "1"
     try:
         args = build().parse_args(argv)
         return int(args.func(args))
-    except _Fail as exc:
-        _err(str(exc))
-        return exc.code
-    except CapvstError as exc:
-        if debug:
-            raise
-        _err(exc.message)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    except Exception as exc:  # a one-line message; CAPVST_DEBUG=1 shows the traceback
+    except Exception as exc:  # one line; CAPVST_DEBUG=1 shows the traceback
+        unreachable = service_failure(exc, _settings_or_none())
+        if unreachable is not None:
+            if debug:
+                raise
+            _err(str(unreachable))
+            return unreachable.code
+        if isinstance(exc, _Fail):
+            _err(str(exc))
+            return exc.code
         if debug:
             raise
+        if isinstance(exc, CapvstError):
+            _err(exc.message)
+            return EXIT_ERROR
         _err(f"unexpected {type(exc).__name__}: {exc}")
         return EXIT_ERROR
 

@@ -10,34 +10,64 @@ import json
 import os
 import shutil
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .cli_common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    Fail,
+    Parser,
+    check_broker,
+    check_s3_credentials,
+    info,
+    load_settings,
+    parser_kwargs,
+    weights,
+)
 from .images import OUTPUT_FORMATS
-from .types import MODES
+from .types import MODES, SUBMIT_FORMATS
 
-
-def _client():  # type: ignore[no-untyped-def]
+if TYPE_CHECKING:
     from scheduler.client import Client
 
-    from .cli import _settings
+    from .settings import Settings
 
-    return Client(_settings())
+
+def _client(settings: Settings | None = None) -> Client:
+    """A job client, after one quick round trip to the broker (exit 4 when unreachable)."""
+    from scheduler.client import Client
+
+    settings = settings or load_settings()
+    check_broker(settings)
+    return Client(settings)
 
 
 def _fail_job(exc: Exception) -> int:
-    from .cli import _Fail
+    raise Fail(str(exc), getattr(exc, "exit_code", EXIT_ERROR))
 
-    code = getattr(exc, "exit_code", 1)
-    raise _Fail(str(exc), code)
+
+JOB_HELP = "the job id that capvst-submit printed (e.g. 20261126-163954-a1b2c3)"
+JSON_HELP = "print one JSON object on stdout instead of text"
 
 
 def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", metavar="MANIFEST",
-                   help="s3://, file:// or a local path (.jsonl or .csv); a local file is "
-                        "uploaded next to the outputs")
+                   help="s3://, file:// or a local path: JSON Lines, CSV with a header, an S3 "
+                        "Batch Operations CSV or an S3 Inventory manifest.json; a local file "
+                        "is uploaded next to the outputs")
     p.add_argument("--output", metavar="PREFIX",
                    help="where outputs and the report go (default: MANIFEST's folder + "
                         "'/<manifest stem>-output')")
+    p.add_argument("--manifest-format", choices=SUBMIT_FORMATS, metavar="FORMAT",
+                   help="jsonl, csv (with a header), s3-batch (bucket,key[,versionId] rows, "
+                        "no header) or s3-inventory (an S3 Inventory manifest.json); default: "
+                        "told from the manifest's first line")
+    p.add_argument("--style", action="append", metavar="URI", dest="styles",
+                   help="style of every line that names none; repeat to mix styles (needed "
+                        "for s3-batch and s3-inventory, whose lines are only contents)")
+    p.add_argument("--style-weights", type=weights, metavar="W1,W2",
+                   help="mixing weights, one per --style (normalised to sum 1; default equal)")
     p.add_argument("--mode", choices=MODES, default="photorealistic",
                    help="default mode of items (default photorealistic)")
     p.add_argument("--max-size", type=int, default=1280, metavar="N",
@@ -45,38 +75,42 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="png",
                    help="default output format (default png)")
     p.add_argument("--wait", action="store_true",
-                   help="show progress until the job is final, then the summary")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+                   help="show progress until the job is final, then the summary; the exit "
+                        "code then tells the job's outcome")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON on stdout: {job, output} at once, or with --wait the final "
+                        "status")
     p.set_defaults(func=cmd_submit)
+
+
+SUBMIT_DESCRIPTION = ("Submit a manifest of content x style items as a job and print the job "
+                      "id. Needs the broker (CAPVST_BROKER_URL) and, for s3:// URIs, S3 "
+                      "credentials; the scheduler and workers do the work.")
 
 
 def submit_parser() -> argparse.ArgumentParser:
     """The parser of ``capvst-submit``."""
-    p = argparse.ArgumentParser(
-        prog="capvst-submit",
-        description="Submit a manifest of content x style items as a job. Prints the job id. "
-                    "Exit 0: all items succeeded or were skipped; 3: finished with failed items;"
-                    " 2: the manifest as a whole was unusable.")
+    p = Parser(prog="capvst-submit", **parser_kwargs(description=SUBMIT_DESCRIPTION))
     _submit_args(p)
     return p
 
 
 def _print_summary(st: dict[str, Any], as_json: bool) -> None:
-    from .cli import _info
-
     if as_json:
         print(json.dumps(st), flush=True)
         return
     msg = (f"job {st['job']} {st['state']}: {st['succeeded']} succeeded, {st['skipped']} "
            f"skipped, {st['failed']} failed of {st['total']} items "
            f"in {st['elapsed_seconds']:.1f} s")
-    _info(msg)
+    info(msg)
     if st.get("manifest_error"):
-        _info(f"manifest unusable: {st['manifest_error']}")
+        info(f"manifest unusable: {st['manifest_error']}")
+    if st.get("report_error"):
+        info(f"the report could not be written: {st['report_error']}")
     elif st.get("valid") == 0:
-        _info("no line of the manifest is a valid item")
+        info("no line of the manifest is a valid item")
     if st.get("report"):
-        _info(f"report: {st['report']}")
+        info(f"report: {st['report']}")
 
 
 def _progress_style(as_json: bool) -> str:
@@ -94,16 +128,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from scheduler.client import JobError, exit_code_for
 
-    from .cli import _Fail
+    from .errors import CapvstError
     from .manifest import JobOptions
+    from .storage import parse
 
+    if args.style_weights is not None and len(args.style_weights) != len(args.styles or []):
+        raise Fail(f"{len(args.style_weights)} --style-weights for {len(args.styles or [])} "
+                   "--style", EXIT_USAGE)
     try:
-        options = JobOptions(mode=args.mode, max_size=args.max_size, format=args.format)
+        # a style on the command line is relative to here, not to the manifest
+        styles = [parse(s).uri for s in args.styles] if args.styles else None
+        options = JobOptions(mode=args.mode, max_size=args.max_size, format=args.format,
+                             styles=styles, style_weights=args.style_weights)
+    except CapvstError as exc:
+        raise Fail(f"bad --style: {exc.message}", EXIT_USAGE) from None
     except ValidationError as exc:
-        raise _Fail(f"bad option: {exc.errors()[0]['msg']}", 2) from None
-    client = _client()
+        raise Fail(f"bad option: {exc.errors()[0]['msg']}", EXIT_USAGE) from None
+    settings = load_settings()
+    if any(u.startswith("s3://") for u in (args.manifest, args.output or "", *(styles or []))):
+        check_s3_credentials(settings)
+    client = _client(settings)
+    _warn_outside_local_root(settings, args.manifest, args.output)
     try:
-        rec = client.submit(args.manifest, args.output, options)
+        rec = client.submit(args.manifest, args.output, options, args.manifest_format,
+                            progress=info)
     except JobError as exc:
         return _fail_job(exc)
     if not args.json or not args.wait:
@@ -115,6 +163,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     st["exit_code"] = exit_code_for(st)
     _print_summary(st, args.json)
     return int(st["exit_code"])
+
+
+def _warn_outside_local_root(settings: Settings, manifest: str, output: str | None) -> None:
+    """The scheduler and workers use local paths only under their CAPVST_LOCAL_ROOT; say so
+    when this environment's would refuse a local manifest or output."""
+    from .errors import CapvstError
+    from .storage import Storage, parse
+
+    local = [u for u in (manifest, output) if u and not u.startswith("s3://")]
+    if output is None and not manifest.startswith("s3://"):
+        try:
+            local.append(os.path.dirname(parse(manifest).path))  # the default output's folder
+        except CapvstError:
+            pass  # submit says what is wrong with the manifest
+    store = Storage(settings)
+    for uri in local:
+        try:
+            store.check(uri)
+        except CapvstError as exc:
+            info(f"capvst: warning: {uri}: {exc.message}; the scheduler and workers refuse it "
+                 "unless their CAPVST_LOCAL_ROOT contains it")
+            return
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -138,6 +208,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"rate      {st['rate_per_second']:.2f} items/s\neta       {eta}")
     if st.get("manifest_error"):
         print(f"manifest  unusable: {st['manifest_error']}")
+    if st.get("report_error"):
+        print(f"report    not written: {st['report_error']}")
     if st.get("report"):
         print(f"report    {st['report']}")
     return 0
@@ -182,17 +254,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Re-enqueue every non-final item."""
     from scheduler.client import JobError, exit_code_for
 
-    from .cli import _info
-
     client = _client()
     try:
-        rec = client.resume(args.job, args.output, progress=_info)
+        rec = client.resume(args.job, args.output, progress=info)
     except JobError as exc:
         if exc.exit_code == 0:
-            _info(str(exc))
-            return 0
+            info(str(exc))
+            return EXIT_OK
         return _fail_job(exc)
-    _info(f"job {rec.id} resumed")
+    info(f"job {rec.id} resumed")
     if not args.wait:
         return 0
     st = client.wait(rec.id, progress=_progress_style(False))
@@ -205,41 +275,112 @@ def _celery(argv: list[str]) -> int:
     """Replace this process with celery (signals then reach the worker directly)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if argv[:1] != ["-A"]:
-        argv = ["-A", "worker", *argv]
     os.execvp(sys.executable, [sys.executable, "-m", "celery", *argv])
     return 0  # not reached
 
 
-def _has(extra: list[str], *flags: str) -> bool:
-    return any(a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f) and
-                                                  len(a) > 2) for a in extra for f in flags)
+CELERY_HELP = """\
+Celery's options: any option not described above goes to `celery worker`
+unchanged (e.g. --without-gossip --without-mingle, --pool, --max-tasks-per-child,
+--autoscale), and so does everything after `--`. `capvst {name} -- --help`
+prints Celery's own list.
+
+It runs:
+  celery -A {app} worker -Q {queue} -E --concurrency {c} --hostname {name_}@%h
+    --loglevel INFO --prefetch-multiplier 1 [Celery's options]
+"""
+
+_COMMON_SETTINGS = """\
+  CAPVST_BROKER_URL       the Redis broker and job state:
+                          redis://[:PASSWORD@]HOST:PORT/DB, rediss://..., or
+                          sentinel://H1:26379;sentinel://H2:26379
+  CAPVST_SENTINEL_MASTER  the master's name, with a sentinel:// broker
+  CAPVST_SENTINEL_PASSWORD  the sentinels' own password, if they require one
+  CAPVST_S3_ENDPOINT_URL  an S3-compatible endpoint (unset: AWS); credentials
+                          come the standard AWS ways
+  CAPVST_LOCAL_ROOT       the only folder file:// URIs may use (unset: none)
+  CAPVST_ALLOWED_BUCKETS  buckets items may touch (unset: any)
+"""
+
+WORKER_SETTINGS = """\
+settings that matter (environment; every one is in README.md):
+""" + _COMMON_SETTINGS + """\
+  CAPVST_CHECKPOINT_PHOTOREALISTIC, CAPVST_CHECKPOINT_ARTISTIC
+                          checkpoints (path, file:// or s3://); unset: an
+                          untrained network
+  CAPVST_CHECKPOINT_PHOTOREALISTIC_SHA256, CAPVST_CHECKPOINT_ARTISTIC_SHA256
+                          refuse a checkpoint whose sha256 differs
+  CAPVST_WORKER_MODES     modes this worker loads (default both)
+  CAPVST_DEVICE           auto, cpu, cuda or cuda:N (default auto)
+  CAPVST_TASK_TIME_LIMIT  hard limit of one task, seconds (default 1800)
+  CAPVST_VISIBILITY_TIMEOUT  must exceed the time limit (default 3600)
+  CAPVST_TORCH_THREADS    CPU threads per worker process
+"""
+
+SCHEDULER_SETTINGS = """\
+settings that matter (environment; every one is in README.md):
+""" + _COMMON_SETTINGS + """\
+  CAPVST_CHUNK_SIZE       items per stylize task (default 8)
+  CAPVST_EXPAND_SLICE_LINES  manifest lines per expansion step (default 5000)
+  CAPVST_MAX_QUEUED_TASKS  expansion pauses while the stylize queue is this
+                          long (default 2000)
+  CAPVST_JOB_TTL_DAYS     days a finished job stays in Redis (default 14)
+  CAPVST_REPORT_ROWS      rows with thumbnails in index.html (default 100)
+"""
+
+
+def _loglevel(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL"):
+        raise argparse.ArgumentTypeError(f"not a log level: {text!r}")
+    return level
+
+
+def _concurrency(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _service(args: argparse.Namespace, queue: str, app: str) -> int:
+    argv = ["-A", app, "worker", "-Q", queue, "-E", "--concurrency", str(args.concurrency),
+            "--hostname", args.hostname, "--loglevel", args.loglevel,
+            "--prefetch-multiplier", "1", *args.celery_args]
+    return _celery(argv)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A stylize worker: one process (one per GPU), prefetch 1, late acks, events on."""
-    extra = list(args.celery_args)
-    argv = ["worker", "-Q", "capvst.stylize", "-E"]
-    if not _has(extra, "-c", "--concurrency"):
-        argv += ["--concurrency", "1"]
-    if not _has(extra, "-n", "--hostname"):
-        argv += ["--hostname", "stylize@%h"]
-    if not _has(extra, "-l", "--loglevel"):
-        argv += ["--loglevel", "INFO"]
-    return _celery(argv + ["--prefetch-multiplier", "1", *extra])
+    return _service(args, "capvst.stylize", "worker")
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     """The scheduler service: consumes capvst.schedule (expansion and reports)."""
-    extra = list(args.celery_args)
-    argv = ["-A", "scheduler.app", "worker", "-Q", "capvst.schedule", "-E"]
-    if not _has(extra, "-c", "--concurrency"):
-        argv += ["--concurrency", "2"]
-    if not _has(extra, "-n", "--hostname"):
-        argv += ["--hostname", "scheduler@%h"]
-    if not _has(extra, "-l", "--loglevel"):
-        argv += ["--loglevel", "INFO"]
-    return _celery(argv + ["--prefetch-multiplier", "1", *extra])
+    return _service(args, "capvst.schedule", "scheduler.app")
+
+
+def _add_service(sub: Any, name: str, queue: str, concurrency: int, node: str, text: str,
+                 description: str, settings: str, fn: Any) -> None:
+    p = sub.add_parser(name, help=text, allow_abbrev=False, usage=(
+        f"capvst {name} [-h] [-n NAME] [-c N] [-l LEVEL] [CELERY_OPTION ...] "
+        "[-- CELERY_ARG ...]"), **parser_kwargs(
+        description=description,
+        epilog=CELERY_HELP.format(name=name, queue=queue, c=concurrency, name_=node,
+                                  app="worker" if queue == "capvst.stylize"
+                                  else "scheduler.app")
+        + "\n" + settings))
+    p.add_argument("-n", "--hostname", default=f"{node}@%h", metavar="NAME",
+                   help=f"node name, as Flower and `celery inspect` show it (default "
+                        f"{node}@%%h; %%h is the host name)")
+    p.add_argument("-c", "--concurrency", type=_concurrency, default=concurrency, metavar="N",
+                   help=f"worker processes (default {concurrency})")
+    p.add_argument("-l", "--loglevel", type=_loglevel, default="INFO", metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
+    p.set_defaults(func=fn, celery_args=[])
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
@@ -255,38 +396,65 @@ def cmd_examples(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     """Register the job commands on the ``capvst`` parser."""
     p = sub.add_parser("submit", help="submit a manifest as a job (same as capvst-submit)",
-                       description=submit_parser().description)
+                       **parser_kwargs(description=SUBMIT_DESCRIPTION))
     _submit_args(p)
-    p = sub.add_parser("status", help="counts per state, rate and ETA of a job")
-    p.add_argument("job", metavar="JOB")
-    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="counts per state, rate and ETA of a job",
+                       **parser_kwargs(description="Counts per state (succeeded, skipped, "
+                                       "failed, queued), rate and ETA of a job known to "
+                                       "Redis."))
+    p.add_argument("job", metavar="JOB", help=JOB_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("report", help="where a job's report is, and its failed items")
-    p.add_argument("job", metavar="JOB")
+
+    p = sub.add_parser("report", help="where a job's report is, and its failed items",
+                       **parser_kwargs(description="Where a job's report is, and its failed "
+                                       "items with line, error code and message. Works from "
+                                       "the report file when Redis no longer knows the job "
+                                       "(give --output)."))
+    p.add_argument("job", metavar="JOB", help=JOB_HELP)
     p.add_argument("--output", metavar="PREFIX", help="the job's output prefix, when Redis no "
                    "longer knows the job")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP + " ({report, failed})")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("cancel", help="stop a job (queued items fail with 'cancelled')")
-    p.add_argument("job", metavar="JOB")
+
+    p = sub.add_parser("cancel", help="stop a job (queued items fail with 'cancelled')",
+                       **parser_kwargs(description="Stop a job: its queued items fail with "
+                                       "'cancelled'; items already running finish. `capvst "
+                                       "resume` undoes it."))
+    p.add_argument("job", metavar="JOB", help=JOB_HELP)
     p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("resume", help="re-enqueue every item of a job that is not final",
-                       description="Re-enqueue every item of a job without a final result; "
-                       "also un-cancels a cancelled job. After Redis lost everything, --output "
-                       "tells where the job record is.")
-    p.add_argument("job", metavar="JOB")
-    p.add_argument("--output", metavar="PREFIX", help="the job's output prefix")
-    p.add_argument("--wait", action="store_true", help="wait until the job is final")
+                       **parser_kwargs(description="Re-enqueue every item of a job without a "
+                                       "final result; also un-cancels a cancelled job. After "
+                                       "Redis lost everything, --output tells where the job "
+                                       "record is."))
+    p.add_argument("job", metavar="JOB", help=JOB_HELP)
+    p.add_argument("--output", metavar="PREFIX", help="the job's output prefix (needed when "
+                   "Redis no longer knows the job)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the job is final, then print the summary")
     p.set_defaults(func=cmd_resume)
-    for name, fn, text in (
-            ("worker", cmd_worker, "run a stylize worker (celery options pass through)"),
-            ("scheduler", cmd_scheduler, "run the scheduler service (celery options pass "
-                                         "through)")):
-        p = sub.add_parser(name, help=text, description=text, prefix_chars="\0")
-        p.add_argument("celery_args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=fn)
-    p = sub.add_parser("examples", help="copy the bundled example images and manifest")
-    p.add_argument("folder", metavar="FOLDER")
+
+    _add_service(sub, "worker", "capvst.stylize", 1, "stylize",
+                 "run a stylize worker (Celery's options pass through)",
+                 "Run a stylize worker on the queue capvst.stylize: it loads the models once, "
+                 "takes one task at a time (prefetch 1), acknowledges a task only when it is "
+                 "done, and sends events for Flower. Run one per GPU.",
+                 WORKER_SETTINGS, cmd_worker)
+    _add_service(sub, "scheduler", "capvst.schedule", 2, "scheduler",
+                 "run the scheduler service (Celery's options pass through)",
+                 "Run the scheduler service on the queue capvst.schedule: it expands "
+                 "manifests into stylize tasks and writes each job's report when every item "
+                 "is final. One or two are enough for a fleet.",
+                 SCHEDULER_SETTINGS, cmd_scheduler)
+
+    p = sub.add_parser("examples", help="copy the bundled example images and manifest",
+                       **parser_kwargs(description="Copy the bundled example images and "
+                                       "manifest.jsonl into FOLDER and print the manifest's "
+                                       "path."))
+    p.add_argument("folder", metavar="FOLDER", help="where to copy them (created if missing)")
     p.set_defaults(func=cmd_examples)
 
 

@@ -33,11 +33,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from pydantic import BaseModel, ConfigDict
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from .manifest import JobOptions, ManifestFormat
 from .results import RANK, ItemResult
@@ -121,19 +123,67 @@ class Lease:
     dead: bool = False
 
 
-def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
-    """A client that rides out Redis restarts: connection errors retried with backoff."""
+def connect(url: str, *, retry_seconds: float = 60.0, sentinel_master: str | None = None,
+            sentinel_password: str | None = None) -> redis.Redis:
+    """A client that rides out Redis restarts: connection errors retried with backoff.
+
+    ``url`` is a ``redis://``/``rediss://`` URL, or Celery's ``sentinel://h1:26379;
+    sentinel://h2:26379`` list, which needs ``sentinel_master``; the client then asks the
+    sentinels for the current master and follows a failover.
+    """
     attempts = max(1, int(retry_seconds // 2))
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5,
+    options: dict[str, Any] = dict(
+        decode_responses=True, socket_timeout=30, socket_connect_timeout=5,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=4.0, base=0.1), attempts),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    if not url.strip().lower().startswith("sentinel://"):
+        return redis.Redis.from_url(url, **options)
+    if not sentinel_master:
+        raise ValueError("a sentinel:// URL needs the master's name (CAPVST_SENTINEL_MASTER)")
+    hosts, master_auth = _sentinel_hosts(url)
+    sentinels = Sentinel(hosts, sentinel_kwargs=sentinel_client_options(sentinel_password))
+    return sentinels.master_for(sentinel_master, redis_class=redis.Redis, **master_auth,
+                                **options)
+
+
+def sentinel_client_options(password: str | None = None) -> dict[str, Any]:
+    """Options of the connections to the sentinels themselves (Celery's ``sentinel_kwargs``
+    too): each sentinel is asked once, with timeouts, and the next one tried at once. A down
+    sentinel would otherwise cost every new connection redis-py's default retries (seconds)
+    and an unreachable host could block it."""
+    out: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5,
+                           "retry": Retry(NoBackoff(), 0)}
+    if password:
+        out["password"] = password
+    return out
+
+
+def _sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Sentinel addresses of ``sentinel://…;sentinel://…`` and the master's username,
+    password and database, from the first URL that has them (Celery reads them from the URL
+    it is connected through, so every URL should carry the same)."""
+    hosts: list[tuple[str, int]] = []
+    auth: dict[str, Any] = {}
+    for part in (p.strip() for p in url.split(";")):
+        if not part:
+            continue
+        u = urlsplit(part)
+        if u.scheme.lower() != "sentinel" or not u.hostname:
+            raise ValueError(f"not a sentinel:// URL: {part.split('@')[-1]!r}")
+        hosts.append((u.hostname, u.port or 26379))
+        db = u.path.strip("/")
+        for key, value in (("username", u.username), ("password", u.password), ("db", db)):
+            if value and key not in auth:
+                auth[key] = int(value) if key == "db" else unquote(value)
+    return hosts, auth
 
 
 def connect_settings(settings: Settings, *, retry_seconds: float = 60.0) -> redis.Redis:
     """:func:`connect` to the deployment's broker (also through Redis Sentinel)."""
-    return connect(settings.broker_url, retry_seconds=retry_seconds)
+    return connect(settings.broker_url, retry_seconds=retry_seconds,
+                   sentinel_master=settings.sentinel_master,
+                   sentinel_password=settings.sentinel_password)
 
 
 def redis_url_has_password(url: str) -> bool:

@@ -1,6 +1,8 @@
 """Manifest schema and streaming parser (DESIGN.md §5).
 
-A manifest is JSON Lines or CSV with a header. It is read line by line from a byte offset, so
+A manifest is JSON Lines, CSV with a header, or an S3 Batch Operations CSV (``bucket,key``
+or ``bucket,key,versionId`` without a header; each listed object a content, the styles from
+the job's options). It is read line by line from a byte offset, so
 a manifest of millions of lines is never held in memory and expansion can stop and restart
 anywhere. Every line that is not blank yields either an :class:`Item` or an
 :class:`ItemError`; a bad line never stops the others.
@@ -16,13 +18,16 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote_plus
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import AccessDenied, CapvstError, InvalidItem
 from .images import DEFAULT_MAX_SIZE, MIN_SIDE, OUTPUT_FORMATS, OutputFormat
-from .storage import join, parse, resolve
+from .storage import join, parse, resolve, split_version, versioned
+from .types import SUBMIT_FORMATS as SUBMIT_FORMATS  # re-exported
 from .types import Mode
+from .types import SubmitFormat as SubmitFormat  # re-exported
 
 #: Longest accepted manifest line in bytes; longer lines fail alone (and are never buffered).
 MAX_LINE_BYTES = 64 * 1024
@@ -32,7 +37,8 @@ MAX_MAX_SIZE = 8192
 RESERVED = "_capvst"
 FIELDS = ("content", "style", "style_weights", "alpha_c", "mode", "max_size", "content_mask",
           "style_mask", "output", "format", "id")
-ManifestFormat = Literal["jsonl", "csv"]
+#: Formats the scheduler expands line by line.
+ManifestFormat = Literal["jsonl", "csv", "s3-batch"]
 
 
 class JobOptions(BaseModel):
@@ -42,6 +48,27 @@ class JobOptions(BaseModel):
     mode: Mode = "photorealistic"
     max_size: int = Field(DEFAULT_MAX_SIZE, ge=MIN_SIDE, le=MAX_MAX_SIZE)
     format: OutputFormat = "png"
+    #: Style(s) of every line that names none (lists of objects: S3 Batch, S3 Inventory).
+    styles: list[str] | None = None
+    #: Mixing weights of ``styles``, one per style.
+    style_weights: list[float] | None = None
+    #: Default output names: ``flat`` is ``{prefix}/{content stem}__{style stems}.{format}``;
+    #: ``keys`` keeps an S3 content's key folders: ``{prefix}/{key folders}/{stem}__…``.
+    output_layout: Literal["flat", "keys"] = "flat"
+
+    @model_validator(mode="after")
+    def _job_styles(self) -> JobOptions:
+        if self.styles is not None and (not self.styles or any(not s.strip()
+                                                               for s in self.styles)):
+            raise ValueError("styles must be a non-empty list of URIs")
+        if self.style_weights is not None:
+            if not self.styles or len(self.style_weights) != len(self.styles):
+                raise ValueError(f"{len(self.style_weights)} style weights for "
+                                 f"{len(self.styles or [])} styles")
+            if any(w < 0 or w != w or w == float("inf") for w in self.style_weights) \
+                    or sum(self.style_weights) <= 0:
+                raise ValueError("style weights must be non-negative with a positive sum")
+        return self
 
 
 class LineSpec(BaseModel):
@@ -197,10 +224,36 @@ def csv_header_problem(header: list[str]) -> str | None:
     return None
 
 
+def s3_batch_row(text: str) -> dict[str, Any]:
+    """One row of an S3 Batch Operations CSV manifest as line fields: the listed object (one
+    version of it, with a third cell) is the content.
+
+    Keys are URL-encoded in these manifests, as S3 writes them: ``%XX`` escapes and ``+`` for
+    a space (a literal plus is ``%2B``).
+    """
+    try:
+        row = next(csv.reader([text]))
+    except csv.Error as exc:
+        raise InvalidItem(f"bad CSV: {exc}") from None
+    if len(row) not in (2, 3):
+        raise InvalidItem("an S3 Batch Operations row is bucket,key or bucket,key,versionId; "
+                          f"this one has {len(row)} cells")
+    bucket, key = row[0].strip(), unquote_plus(row[1])
+    version = row[2].strip() if len(row) == 3 else ""
+    if not bucket or not key:
+        raise InvalidItem("an S3 Batch Operations row needs a bucket and a key")
+    uri = f"s3://{bucket}/{key}"
+    if key.endswith("/"):
+        raise InvalidItem(f"{uri} is a folder placeholder, not an object")
+    return {"content": versioned(uri, version or None)}
+
+
 def parse_line(text: str, fmt: ManifestFormat, header: list[str] | None = None
                ) -> dict[str, Any]:
     """Raw fields of one non-blank line; InvalidItem for anything that is not a usable
     object (whatever the parser raised: deep nesting, huge numbers, bad CSV)."""
+    if fmt == "s3-batch":
+        return s3_batch_row(text)
     if fmt == "jsonl":
         try:
             obj = json.loads(text)
@@ -224,7 +277,13 @@ def parse_line(text: str, fmt: ManifestFormat, header: list[str] | None = None
 
 
 def _stem(uri: str) -> str:
-    return os.path.splitext(parse(uri).name)[0] or "image"
+    return os.path.splitext(parse(split_version(uri)[0]).name)[0] or "image"
+
+
+def _key_folder(uri: str) -> str:
+    """The folders of an S3 content's key ('' for other URIs)."""
+    loc = parse(split_version(uri)[0])
+    return posixpath.dirname(loc.path) if loc.scheme == "s3" else ""
 
 
 def check_output(output: str, output_prefix: str) -> str:
@@ -252,6 +311,10 @@ def check_output(output: str, output_prefix: str) -> str:
 def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
                options: JobOptions) -> Item:
     """Validate one line's fields, resolve its URIs and name its output."""
+    if "style" not in raw and options.styles:
+        raw = {**raw, "style": list(options.styles)}
+        if "style_weights" not in raw and options.style_weights is not None:
+            raw["style_weights"] = list(options.style_weights)
     try:
         spec = LineSpec.model_validate(raw)
     except ValidationError as exc:
@@ -283,7 +346,8 @@ def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
         output = resolve(spec.output, join(output_prefix, "x"))
     else:
         name = f"{_stem(content)}__{'+'.join(_stem(s) for s in styles)}.{fmt}"
-        output = join(output_prefix, name)
+        folder = _key_folder(content) if options.output_layout == "keys" else ""
+        output = join(output_prefix, folder, name) if folder else join(output_prefix, name)
     output = check_output(output, output_prefix)
     for uri in (content, *styles):
         parse(uri)  # refuses NUL bytes and unknown schemes with invalid_item

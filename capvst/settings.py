@@ -133,3 +133,22 @@ class Settings(BaseSettings):
         if mode == "photorealistic":
             return self.checkpoint_photorealistic, self.checkpoint_photorealistic_sha256
         return self.checkpoint_artistic, self.checkpoint_artistic_sha256
+
+    # --- high-availability broker: Redis Sentinel ---------------------------------------------
+    #: Name of the master that the sentinels of a ``sentinel://`` broker URL monitor.
+    sentinel_master: str | None = None
+    #: Password of the sentinels themselves, when they require one (the master's password
+    #: goes in the URL, as with ``redis://``).
+    sentinel_password: str | None = None
+
+    @property
+    def uses_sentinel(self) -> bool:
+        """Whether the broker URL names Redis Sentinels rather than a Redis server."""
+        return self.broker_url.strip().lower().startswith("sentinel://")
+
+    @model_validator(mode="after")
+    def _sentinel(self) -> Settings:
+        if self.uses_sentinel and not (self.sentinel_master or "").strip():
+            raise ValueError("CAPVST_BROKER_URL names Redis Sentinels (sentinel://); set "
+                             "CAPVST_SENTINEL_MASTER to the name of the master they monitor")
+        return self

@@ -11,13 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote_from_bytes, unquote, urlsplit
+from urllib.parse import quote, quote_from_bytes, unquote, urlsplit
 
 from .errors import (
     AccessDenied,
@@ -49,6 +50,27 @@ _DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId
 def file_uri(path: str) -> str:
     """``file://`` URI of an absolute path (what ``Path.as_uri`` gives, without its cost)."""
     return "file://" + quote_from_bytes(os.fsencode(path))
+
+
+# an object version: ``s3://bucket/key?versionId=V`` (V percent-encoded, so it has no '/')
+_VERSION = re.compile(r"\?versionId=([^/?]+)$")
+
+
+def split_version(uri: str) -> tuple[str, str | None]:
+    """``s3://b/k?versionId=V`` as (``s3://b/k``, V); any other URI as (uri, None).
+
+    S3 keys may contain '?', so only this exact suffix is read as a version; a key that
+    really ends in ``?versionId=…`` cannot be named without one.
+    """
+    m = _VERSION.search(uri) if uri.startswith("s3://") else None
+    if m is None:
+        return uri, None
+    return uri[:m.start()], unquote(m.group(1))
+
+
+def versioned(uri: str, version: str | None) -> str:
+    """The URI of one version of an S3 object (``uri`` itself when ``version`` is empty)."""
+    return f"{uri}?versionId={quote(version, safe='')}" if version else uri
 
 
 @dataclass(frozen=True)
@@ -235,6 +257,15 @@ class Storage:
             return StorageError(f"{type(exc).__name__} {doing} {loc.uri}")
         return exc
 
+    @staticmethod
+    def _object(loc: Location) -> dict[str, Any]:
+        """Bucket, Key and, for ``…?versionId=V``, VersionId of a read."""
+        m = _VERSION.search(loc.path)
+        if m is None:
+            return {"Bucket": loc.bucket, "Key": loc.path}
+        return {"Bucket": loc.bucket, "Key": loc.path[:m.start()],
+                "VersionId": unquote(m.group(1))}
+
     def _s3_call(self, loc: Location, doing: str, fn: str, **kwargs: Any) -> Any:
         try:
             return getattr(self.s3, fn)(**kwargs)
@@ -256,7 +287,7 @@ class Storage:
 
             return st.st_size if stat.S_ISREG(st.st_mode) else None
         try:
-            head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
+            head = self._s3_call(loc, "checking", "head_object", **self._object(loc))
         except NotFound:
             return None
         return int(head["ContentLength"])
@@ -275,7 +306,7 @@ class Storage:
                 return None
             return f"{st.st_mtime_ns}-{st.st_size}"
         try:
-            head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
+            head = self._s3_call(loc, "checking", "head_object", **self._object(loc))
         except NotFound:
             return None
         return str(head.get("ETag", "")).strip('"') or None
@@ -292,7 +323,7 @@ class Storage:
                 except OSError as exc:
                     raise PermanentStorageError(f"cannot read {loc.path}: {exc.strerror}"
                                                 ) from None
-        resp = self._s3_call(loc, "reading", "get_object", Bucket=loc.bucket, Key=loc.path)
+        resp = self._s3_call(loc, "reading", "get_object", **self._object(loc))
         if max_bytes is not None and int(resp.get("ContentLength", 0)) > max_bytes:
             resp["Body"].close()
             raise TooLarge(f"{loc.uri} is over {max_bytes:,} bytes")
@@ -313,7 +344,7 @@ class Storage:
                 return None
             return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         try:
-            head = self._s3_call(loc, "checking", "head_object", Bucket=loc.bucket, Key=loc.path)
+            head = self._s3_call(loc, "checking", "head_object", **self._object(loc))
         except NotFound:
             return None
         version = head.get("VersionId")
@@ -341,7 +372,7 @@ class Storage:
                 while chunk := fh.read(chunk_size):
                     yield chunk
             return
-        kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.path}
+        kwargs = self._object(loc)
         if start:
             kwargs["Range"] = f"bytes={start}-"
         if pin is not None and pin.get("version_id"):

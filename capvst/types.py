@@ -6,3 +6,7 @@ from typing import Literal
 
 Mode = Literal["photorealistic", "artistic"]
 MODES: tuple[Mode, ...] = ("photorealistic", "artistic")
+
+#: Manifest formats ``capvst-submit --manifest-format`` accepts.
+SubmitFormat = Literal["jsonl", "csv", "s3-batch", "s3-inventory"]
+SUBMIT_FORMATS: tuple[SubmitFormat, ...] = ("jsonl", "csv", "s3-batch", "s3-inventory")

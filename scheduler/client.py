@@ -14,6 +14,7 @@ import os
 import posixpath
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,8 @@ from typing import Any, TypeVar
 from capvst.broker import TaskNames, create_app, sender
 from capvst.errors import CapvstError, NotFound, TransientError
 from capvst.jobs import Counts, JobRecord, JobStore, ManifestPin, connect_settings
-from capvst.manifest import JobOptions, detect_format
+from capvst.manifest import JobOptions, SubmitFormat
+from capvst.manifest_formats import InventoryCounts, inventory_to_jsonl, sniff_format
 from capvst.results import ItemResult, throughput
 from capvst.retry import with_retries
 from capvst.settings import Settings
@@ -73,8 +75,13 @@ class Client:
 
     # -- submit --------------------------------------------------------------------------------
     def submit(self, manifest: str, output: str | None = None,
-               options: JobOptions | None = None) -> JobRecord:
-        """Create a job for ``manifest`` and queue its expansion."""
+               options: JobOptions | None = None, manifest_format: SubmitFormat | None = None,
+               progress: Callable[[str], None] | None = None) -> JobRecord:
+        """Create a job for ``manifest`` and queue its expansion.
+
+        ``manifest_format`` None: told from the manifest itself. An S3 Inventory report is
+        turned into ``{output}/_capvst/{job}/manifest.jsonl`` here, one line per listed image.
+        """
         options = options or JobOptions()
         loc = parse(manifest)
         is_plain_path = "://" not in manifest
@@ -84,6 +91,16 @@ class Client:
             raise JobError(f"manifest {manifest}: {exc.message}", 2) from None
         if size is None:
             raise JobError(f"manifest {manifest} does not exist", 2)
+        try:
+            fmt = manifest_format or self._retry(lambda: sniff_format(self.storage, manifest))
+        except CapvstError as exc:
+            raise JobError(f"manifest {manifest}: {exc.message}", 2) from None
+        if fmt in ("s3-batch", "s3-inventory"):
+            if not options.styles:
+                kind = "an S3 Batch Operations" if fmt == "s3-batch" else "an S3 Inventory"
+                raise JobError(f"{manifest} is {kind} manifest: it lists only the contents; "
+                               "give the style(s) with --style URI", 2)
+            options = options.model_copy(update={"output_layout": "keys"})
         job = new_job_id()
         base = loc.uri
         if output is None:
@@ -91,10 +108,16 @@ class Client:
             output = join(posixpath.dirname(loc.uri) if loc.scheme == "s3"
                           else os.path.dirname(loc.path), f"{stem}-output")
         output = parse(output).uri.rstrip("/")
-        fmt = detect_format(manifest) if os.path.splitext(loc.path)[1].lower() in (
-            ".jsonl", ".ndjson", ".json", ".csv") else None
         uri = loc.uri
-        if is_plain_path:
+        if fmt == "s3-inventory":
+            uri = join(output, "_capvst", job, "manifest.jsonl")
+            counts = self._convert_inventory(manifest, uri)
+            (progress or (lambda _m: None))(f"inventory {manifest}: {counts.describe()}")
+            if not counts.queued:
+                raise JobError(f"the inventory {manifest} lists no image to stylize "
+                               f"({counts.describe()})", 2)
+            fmt = "jsonl"
+        elif is_plain_path:
             # a local file is uploaded next to the outputs; relative URIs in it still resolve
             # against its original folder (recorded as the base)
             ext = os.path.splitext(loc.path)[1] or ".jsonl"
@@ -123,6 +146,24 @@ class Client:
         self._send(TaskNames.EXPAND.value, dict(job=job, epoch=0, offset=0, line=1),
                    f"job={job} line=1")
         return rec
+
+    def _convert_inventory(self, manifest: str, uri: str) -> InventoryCounts:
+        """Stream the inventory's data files into a JSON Lines manifest stored at ``uri``."""
+        fd, path = tempfile.mkstemp(prefix="capvst-inventory-", suffix=".jsonl")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                try:
+                    counts = inventory_to_jsonl(self.storage, manifest, fh)
+                except CapvstError as exc:
+                    raise JobError(f"inventory {manifest}: {exc.message}", 2) from None
+            try:
+                self._retry(lambda: self.storage.upload_file(uri, path, "application/x-ndjson"))
+            except CapvstError as exc:
+                raise JobError(f"cannot write the manifest to {uri}: {exc.message}", 2) \
+                    from None
+        finally:
+            os.unlink(path)
+        return counts
 
     # -- inspect -------------------------------------------------------------------------------
     def record(self, job: str, output: str | None = None) -> JobRecord:

@@ -98,6 +98,52 @@ class RedisServer:
         self.kill()
 
 
+class SentinelServer:
+    """A Redis Sentinel (``redis-server --sentinel``) watching ``master`` as ``name``."""
+
+    def __init__(self, folder: Path, master: RedisServer, name: str = "capvst-master",
+                 password: str | None = None) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.master = master
+        self.name = name
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SentinelServer:
+        conf = self.folder / "sentinel.conf"
+        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.folder}",
+                 f"logfile {self.folder / 'sentinel.log'}",
+                 f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1",
+                 f"sentinel down-after-milliseconds {self.name} 2000",
+                 f"sentinel failover-timeout {self.name} 10000"]
+        if self.master.password:
+            lines.append(f"sentinel auth-pass {self.name} {self.master.password}")
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        conf.write_text("\n".join(lines) + "\n")  # the sentinel rewrites it as it runs
+        self.proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(self.master_address, 15, f"redis sentinel on port {self.port}")
+        return self
+
+    def master_address(self) -> tuple[str, int] | None:
+        import redis
+
+        client = redis.Redis(port=self.port, password=self.password, decode_responses=True)
+        try:
+            addr = client.execute_command("SENTINEL", "get-master-addr-by-name", self.name)
+        finally:
+            client.close()
+        return (addr[0], int(addr[1])) if addr else None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
@@ -204,9 +250,11 @@ class Cluster:
     """
 
     def __init__(self, folder: Path, s3_url: str | None, persist: bool = False,
-                 untrained: bool = False, **settings: str) -> None:
+                 untrained: bool = False, sentinel: bool = False, **settings: str) -> None:
         self.folder = folder
-        self.redis = RedisServer(folder / "redis", persist=persist).start()
+        self.redis = RedisServer(folder / "redis", persist=persist,
+                                 password="master-pw" if sentinel else None).start()
+        self.sentinel: SentinelServer | None = None
         self.procs: list[Proc] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CAPVST_")}
         self.env.update(AWS_ENV)
@@ -233,6 +281,18 @@ class Cluster:
                 self.model_ids[mode] = digest[:12]
         if s3_url:
             self.env["CAPVST_S3_ENDPOINT_URL"] = s3_url
+        if sentinel:
+            # broker and job state through a sentinel; a dead sentinel listed first must not
+            # matter, and the master's password goes in every URL (Celery may switch URLs)
+            self.sentinel = SentinelServer(folder / "sentinel", self.redis,
+                                           password="sentinel-pw").start()
+            auth = f":{self.redis.password}@"
+            self.env.update({
+                "CAPVST_BROKER_URL": f"sentinel://{auth}127.0.0.1:{free_port()}/0;"
+                                     f"sentinel://{auth}127.0.0.1:{self.sentinel.port}/0",
+                "CAPVST_SENTINEL_MASTER": self.sentinel.name,
+                "CAPVST_SENTINEL_PASSWORD": "sentinel-pw",
+            })
         self.env.update({f"CAPVST_{k.upper()}": str(v) for k, v in settings.items()})
 
     def settings(self):  # type: ignore[no-untyped-def]
@@ -274,6 +334,8 @@ class Cluster:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+        if self.sentinel:
+            self.sentinel.stop()
         self.redis.stop()
 
 

@@ -9,6 +9,7 @@ default task time limit, and no secret is written into any of them.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +28,29 @@ ENV_EXAMPLE = REPO / "deploy" / ".env.example"
 K8S = REPO / "deploy" / "k8s"
 DOC = REPO / "docs" / "DEPLOY.md"
 K8S_FILES = ("redis.yaml", "scheduler.yaml", "worker.yaml", "flower.yaml", "keda.yaml",
-             "config.yaml", "secrets.example.yaml")
-STYLIZE_QUEUE = "capvst.stylize"  # worker.config.Queues.STYLIZE (importing celery is slow)
+             "config.yaml", "secrets.example.yaml", "monitoring.yaml", "keda-prometheus.yaml")
+DASHBOARD = REPO / "deploy" / "grafana" / "capvst-dashboard.json"
+SCRAPE = REPO / "deploy" / "prometheus" / "scrape-capvst.yaml"
+# Prometheus metrics the workers and the scheduler serve (names, kinds and labels are a
+# contract with dashboards and autoscalers).
+METRICS = {
+    "capvst_items_total": ("counter", {"mode", "status", "code"}),
+    "capvst_stage_seconds": ("histogram", {"stage"}),
+    "capvst_model_load_seconds": ("gauge", set()),
+    "capvst_style_cache_hits_total": ("counter", set()),
+    "capvst_style_cache_misses_total": ("counter", set()),
+    "capvst_device_memory_bytes": ("gauge", set()),
+    "capvst_jobs": ("gauge", {"state"}),
+    "capvst_items_expanded_total": ("counter", set()),
+}
+LABEL_VALUES = {"status": {"succeeded", "failed", "skipped"},
+                "stage": {"fetch", "decode", "model", "encode", "upload"},
+                "state": {"queued", "running", "done", "cancelled"}}
+# Labels Prometheus or the scrape configuration adds to every series.
+TARGET_LABELS = {"instance", "job", "pod", "namespace", "component"}
+# Read by the metrics endpoint of the worker and the scheduler rather than by Settings.
+METRICS_SETTINGS = {"CAPVST_METRICS_PORT"}
+STYLIZE_QUEUE = "capvst.stylize"  # capvst.broker.Queues.STYLIZE (importing celery is slow)
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|BASIC_AUTH|CREDENTIAL|PRIVATE_KEY",
                          re.IGNORECASE)
@@ -545,6 +567,151 @@ def test_k8s_config_is_valid_settings(k8s: dict[str, list[dict[str, Any]]]) -> N
                          [K8S / f for f in K8S_FILES], ids=lambda p: p.name)
 def test_capvst_variables_are_real_settings(path: Path) -> None:
     fields = set(Settings.model_fields)
-    names = set(CAPVST_VAR.findall(path.read_text()))
+    names = set(CAPVST_VAR.findall(path.read_text())) - METRICS_SETTINGS
     unknown = sorted(n for n in names if n[len("CAPVST_"):].lower() not in fields)
     assert not unknown, f"{path.name} names variables capvst does not read: {unknown}"
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics: Prometheus scraping, the Grafana dashboard, KEDA on Prometheus
+# ---------------------------------------------------------------------------------------------
+_SERIES = re.compile(r"\b(capvst_[a-z_]+)(\{[^}]*\})?")
+_BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+_MATCHER = re.compile(r'([a-z_]+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def _metric(name: str) -> str:
+    """The metric a series name belongs to (a histogram's _bucket, _sum and _count)."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name[: -len(suffix)]
+        if name.endswith(suffix) and METRICS.get(base, ("",))[0] == "histogram":
+            return base
+    return name
+
+
+def _check_query(expr: str, where: str) -> set[str]:
+    """The metrics ``expr`` reads; fails on unknown names, labels or label values."""
+    used = set()
+    labels_in_query: set[str] = set()
+    for name, selector in _SERIES.findall(expr):
+        metric = _metric(name)
+        assert metric in METRICS, f"{where}: {name} is not a capvst metric ({expr})"
+        if name.endswith("_bucket"):
+            labels_in_query.add("le")
+        used.add(metric)
+        for label, op, value in _MATCHER.findall(selector or ""):
+            assert label in METRICS[metric][1] | TARGET_LABELS, f"{where}: {metric}{{{label}}}"
+            if label in LABEL_VALUES and op in ("=", "!="):
+                assert value in LABEL_VALUES[label], f"{where}: {label}={value!r}"
+            if label in LABEL_VALUES and op in ("=~", "!~"):
+                assert set(value.split("|")) <= LABEL_VALUES[label], f"{where}: {value!r}"
+    known = set().union(*(METRICS[m][1] for m in used)) | TARGET_LABELS | labels_in_query
+    for group in _BY.findall(expr):
+        for label in (g.strip() for g in group.split(",") if g.strip()):
+            assert label in known, f"{where}: grouping by {label!r}, which {sorted(used)} lack"
+    assert used, f"{where}: the query reads no capvst metric: {expr}"
+    return used
+
+
+def _pod_port(obj: dict[str, Any], name: str) -> int:
+    (c,) = _pod_spec(obj)["containers"]
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    assert name in ports, f"{obj['metadata']['name']} has no container port {name!r}"
+    return int(ports[name])
+
+
+def test_dashboard_is_valid_and_reads_only_our_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["title"] and dash["uid"] and dash["schemaVersion"] >= 30
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    ids, used, cells = set(), set(), set()
+    for panel in dash["panels"]:
+        assert panel["id"] not in ids, f"panel id {panel['id']} twice"
+        ids.add(panel["id"])
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"panel {panel['title']!r} overlaps another"
+        cells |= mine
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            used |= _check_query(t["expr"], f"dashboard panel {panel['title']!r}")
+    assert used == set(METRICS), f"metrics without a panel: {sorted(set(METRICS) - used)}"
+
+
+def test_workers_and_scheduler_expose_the_metrics_port(
+        k8s: dict[str, list[dict[str, Any]]]) -> None:
+    port = int(_config_data(k8s)["CAPVST_METRICS_PORT"])
+    for file in ("worker.yaml", "scheduler.yaml"):
+        dep = _one(k8s, "Deployment", file)
+        assert _pod_port(dep, "metrics") == port, file
+        notes = dep["spec"]["template"]["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/scrape") == "true", file
+        assert int(notes["prometheus.io/port"]) == port, file
+        assert notes.get("prometheus.io/path") == "/metrics", file
+
+
+def test_pod_monitor_selects_the_workers_and_the_scheduler(
+        k8s: dict[str, list[dict[str, Any]]]) -> None:
+    pm = _one(k8s, "PodMonitor", "monitoring.yaml")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    sel = pm["spec"]["selector"]
+
+    def selects(labels: dict[str, str]) -> bool:
+        if not sel.get("matchLabels", {}).items() <= labels.items():
+            return False
+        for e in sel.get("matchExpressions", []):
+            assert e["operator"] == "In", e
+            if labels.get(e["key"]) not in e["values"]:
+                return False
+        return True
+
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    for file, obj in _workloads(k8s):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        if file in ("worker.yaml", "scheduler.yaml"):
+            assert selects(labels), f"the PodMonitor misses {file}"
+            _pod_port(obj, endpoint["port"])
+        else:
+            assert not selects(labels), f"the PodMonitor also selects {file}"
+
+
+def test_plain_prometheus_scrape_config_follows_the_annotations(
+        k8s: dict[str, list[dict[str, Any]]]) -> None:
+    (job,) = yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
+    assert job["kubernetes_sd_configs"][0]["role"] == "pod"
+    rules = job["relabel_configs"]
+    keeps = {tuple(r["source_labels"]): r["regex"] for r in rules if r.get("action") == "keep"}
+    assert keeps[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == "capvst"
+    assert keeps[("__meta_kubernetes_pod_annotation_prometheus_io_scrape",)] == "true"
+    address = next(r for r in rules if r.get("target_label") == "__address__")
+    assert "__meta_kubernetes_pod_annotation_prometheus_io_port" in address["source_labels"]
+    assert re.fullmatch(address["regex"], "10.0.0.7:8080;9808")
+    assert re.sub(address["regex"], address["replacement"].replace("$", "\\"),
+                  "10.0.0.7:8080;9808") == "10.0.0.7:9808"
+    assert any(r.get("target_label") == "__metrics_path__" for r in rules)
+
+
+def test_keda_on_prometheus(k8s: dict[str, list[dict[str, Any]]]) -> None:
+    plain = _one(k8s, "ScaledObject", "keda.yaml")
+    so = _one(k8s, "ScaledObject", "keda-prometheus.yaml")
+    # the same object, so that applying this file replaces keda.yaml's
+    assert so["metadata"]["name"] == plain["metadata"]["name"]
+    assert so["spec"]["scaleTargetRef"] == plain["spec"]["scaleTargetRef"]
+    triggers = {t["type"]: t for t in so["spec"]["triggers"]}
+    assert set(triggers) == {"redis", "prometheus"}
+    assert triggers["redis"] == next(t for t in plain["spec"]["triggers"] if t["type"] ==
+                                     "redis")
+    assert _one(k8s, "TriggerAuthentication", "keda-prometheus.yaml") == \
+        _one(k8s, "TriggerAuthentication", "keda.yaml")
+    meta = triggers["prometheus"]["metadata"]
+    assert meta["serverAddress"].startswith(("http://", "https://"))
+    assert float(meta["threshold"]) > 0
+    assert _check_query(meta["query"], "keda-prometheus.yaml") == {"capvst_jobs"}
