@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, cli_train
 from .errors import CapvstError
 from .images import DEFAULT_MAX_SIZE, OUTPUT_FORMATS
 from .types import MODES
@@ -233,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import cli_jobs
 
     cli_jobs.add_commands(sub)
+    cli_train.add_command(sub)
     return p
 
 
