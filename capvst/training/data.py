@@ -69,7 +69,7 @@ def random_crop(img: Image.Image, size: int, rng: np.random.Generator) -> np.nda
         raise ValueError(f"a {w}x{h} image cannot be cropped to {size}x{size}")
     top = int(rng.integers(0, h - size + 1))
     left = int(rng.integers(0, w - size + 1))
-    return np.ascontiguousarray(arr[top:top + size, left:left + size])
+    return np.array(arr[top:top + size, left:left + size], copy=True)
 
 
 def to_chw(arr: np.ndarray) -> torch.Tensor:

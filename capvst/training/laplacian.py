@@ -15,6 +15,8 @@ sort, and no Python loop over pixels.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import warnings
 from typing import TYPE_CHECKING
 
@@ -51,56 +53,92 @@ def matting_laplacian(image: np.ndarray | Image.Image, eps: float = DEFAULT_EPS,
         raise ValueError(f"win_rad must be at least 1, got {win_rad}")
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
-    img = _as_rgb_array(image).astype(np.float64) / 255.0
-    h, w, _ = img.shape
+    # channels first: every per-window quantity below is a [ch, cw] plane, contiguous
+    img = _as_rgb_array(image).transpose(2, 0, 1).astype(np.float64) / 255.0
+    _, h, w = img.shape
     diam = 2 * win_rad + 1
     if h < diam or w < diam:
         raise ValueError(f"a {w}x{h} image is smaller than one {diam}x{diam} window")
     area = diam * diam
-    ch, cw = h - 2 * win_rad, w - 2 * win_rad  # windows: top-left corner (ky, kx)
+    ch, cw = h - 2 * win_rad, w - 2 * win_rad  # windows, indexed by their top-left pixel
+    pos = [(a // diam, a % diam) for a in range(area)]  # positions in a window, row-major
 
-    # colours of every window, [ch, cw, area, 3], position a = (ay, ax) in row-major order
-    win = np.lib.stride_tricks.sliding_window_view(img, (diam, diam), axis=(0, 1))
-    win = win.transpose(0, 1, 3, 4, 2).reshape(ch, cw, area, 3)
-    mu = win.mean(axis=2, keepdims=True)
-    centred = win - mu
-    cov = np.einsum("...ai,...aj->...ij", centred, centred) / area
-    inv = np.linalg.inv(cov + (eps / area) * np.eye(3))
-    # affinity of every position pair in every window, [area, area, ch, cw]
-    vals = np.einsum("...ai,...ij,...bj->ab...", centred, inv, centred, optimize=True)
-    vals = (1.0 + np.ascontiguousarray(vals)) / area
+    # pixel at position a of every window: shifted views of the image, [3, ch, cw]
+    at = [img[:, ay:ay + ch, ax:ax + cw] for ay, ax in pos]
+    mu = np.zeros((3, ch, cw))
+    second = np.zeros((3, 3, ch, cw))
+    for p in at:
+        mu += p
+        second += p[:, None] * p[None, :]
+    mu /= area
+    # biased window covariance plus eps/|w| (the authors' E[I Iᵀ] - μ μᵀ), inverted in
+    # closed form: a symmetric 3×3 matrix per window
+    cov = second / area - mu[:, None] * mu[None, :]
+    cov[[0, 1, 2], [0, 1, 2]] += eps / area
+    a00, a01, a02, a11, a12, a22 = cov[0, 0], cov[0, 1], cov[0, 2], cov[1, 1], cov[1, 2], cov[2, 2]
+    c00 = a11 * a22 - a12 * a12
+    c01 = a02 * a12 - a01 * a22
+    c02 = a01 * a12 - a02 * a11
+    det = a00 * c00 + a01 * c01 + a02 * c02
+    inv = np.stack([np.stack([c00, c01, c02]),
+                    np.stack([c01, a00 * a22 - a02 * a02, a01 * a02 - a00 * a12]),
+                    np.stack([c02, a01 * a02 - a00 * a12, a00 * a11 - a01 * a01])]) / det
+    centred = [p - mu for p in at]
+    projected = [np.einsum("ijyx,jyx->iyx", inv, c) for c in centred]  # Σ⁻¹ (I_a - μ)
 
     # W in a banded layout: band[o, y, x] is the affinity between pixel (y, x) and the pixel
-    # at offset o = (dy, dx), |dy|, |dx| <= 2·win_rad, offsets in row-major order
+    # at offset o = (dy, dx), |dy|, |dx| <= 2·win_rad, offsets in row-major order. A window
+    # adds (1 + (I_a - μ)ᵀ Σ⁻¹ (I_b - μ)) / |w| to the pair of its positions a and b, in both
+    # directions (the affinity is symmetric).
     span = 2 * diam - 1
     band = np.zeros((span * span, h, w))
-    covered = np.zeros((span * span, h, w), dtype=bool)
-    pos = [(a // diam, a % diam) for a in range(area)]
     for a, (ay, ax) in enumerate(pos):
-        rows = slice(ay, ay + ch)
-        cols = slice(ax, ax + cw)
-        for b, (by, bx) in enumerate(pos):
-            o = (by - ay + diam - 1) * span + (bx - ax + diam - 1)
-            band[o, rows, cols] += vals[a, b]
-            covered[o, rows, cols] = True
+        for b in range(a, area):
+            by, bx = pos[b]
+            value = np.einsum("iyx,iyx->yx", projected[a], centred[b])
+            value += 1.0
+            value /= area
+            band[(by - ay + diam - 1) * span + (bx - ax + diam - 1),
+                 ay:ay + ch, ax:ax + cw] += value
+            if b != a:
+                band[(ay - by + diam - 1) * span + (ax - bx + diam - 1),
+                     by:by + ch, bx:bx + cw] += value
 
     centre = (diam - 1) * span + (diam - 1)
     diag = band.sum(axis=0)
-    lap = -band
-    lap[centre] += diag
-    covered[centre] = True
-    rows_lap = lap.reshape(span * span, h * w).T
-    keep = covered.reshape(span * span, h * w).T
+    band *= -1.0
+    band[centre] += diag
+    return _to_csr(band, _covered(h, w, win_rad), h, w, diam)
 
-    # CSR: columns of row (y, x) are (y + dy)·W + (x + dx), increasing with o
+
+@functools.lru_cache(maxsize=8)
+def _covered(h: int, w: int, win_rad: int) -> np.ndarray:
+    """Which (pixel, offset) pairs share a window: the sparsity pattern, [h·w, offsets]."""
+    diam = 2 * win_rad + 1
+    span = 2 * diam - 1
+    ch, cw = h - 2 * win_rad, w - 2 * win_rad
+    covered = np.zeros((span * span, h, w), dtype=bool)
+    for ay, ax in itertools.product(range(diam), repeat=2):
+        for by, bx in itertools.product(range(diam), repeat=2):
+            covered[(by - ay + diam - 1) * span + (bx - ax + diam - 1),
+                    ay:ay + ch, ax:ax + cw] = True
+    out = np.ascontiguousarray(covered.reshape(span * span, h * w).T)
+    out.flags.writeable = False
+    return out
+
+
+def _to_csr(band: np.ndarray, keep: np.ndarray, h: int, w: int, diam: int
+            ) -> scipy.sparse.csr_matrix:
+    """CSR from the banded layout: row (y, x) has columns (y + dy)·W + (x + dx), increasing
+    with the offset index, so no sorting is needed."""
+    span = 2 * diam - 1
     offs = np.arange(span) - (diam - 1)
-    dy = np.repeat(offs, span)
-    dx = np.tile(offs, span)
-    cols_idx = np.arange(h * w)[:, None] + (dy * w + dx)[None, :]
+    step = (np.repeat(offs, span) * w + np.tile(offs, span)).astype(np.int64)
+    rows = band.reshape(span * span, h * w).T
+    cols = np.arange(h * w, dtype=np.int64)[:, None] + step[None, :]
     indptr = np.zeros(h * w + 1, dtype=np.int64)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
-    return scipy.sparse.csr_matrix((rows_lap[keep], cols_idx[keep], indptr),
-                                   shape=(h * w, h * w))
+    return scipy.sparse.csr_matrix((rows[keep], cols[keep], indptr), shape=(h * w, h * w))
 
 
 def to_torch(L: scipy.sparse.spmatrix, dtype: torch.dtype | None = None,

@@ -341,6 +341,8 @@ def train(cfg: TrainConfig, settings: Settings, progress: str = "lines",
         raise TrainingError(f"{ckpt_path} exists; pass --resume to continue that run or choose "
                             "another --out")
     device = resolve_device(cfg.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 

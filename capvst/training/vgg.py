@@ -106,7 +106,8 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path} holds pickled objects other than tensors (or is not a "
                               "PyTorch file); save the VGG state dict, not the module") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            IndexError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path} is not a PyTorch file ({type(exc).__name__})") from None
     return check_state_dict(obj, str(path))
 
