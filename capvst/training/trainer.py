@@ -376,7 +376,7 @@ def train(cfg: TrainConfig, settings: Settings, progress: str = "lines",
     counters = Counters()
     report = Reporter(progress, cfg.steps, start)
     report.say(f"training {cfg.mode} on {device}: {len(contents)} content and {len(styles)} "
-               f"style images, steps {start}..{cfg.steps} (video stage from "
+               f"style image files, steps {start}..{cfg.steps} (video stage from "
                f"{cfg.image_steps}), {workers} loader processes")
     t0 = time.monotonic()
     step = start
