@@ -107,3 +107,13 @@ def test_usage_errors_do_not_load_torch(paths):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(REPO), timeout=60)
     assert out.stdout.split() == ["2", "False", "False"], out.stderr
+
+
+def test_training_imports_no_service_libraries():
+    code = ("import sys, capvst.training.trainer, capvst.training.data\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(REPO), timeout=60)
+    loaded = set(out.stdout.split())
+    assert "torch" in loaded and "scipy" in loaded, out.stderr
+    assert not loaded & {"celery", "kombu", "redis", "boto3", "botocore"}
