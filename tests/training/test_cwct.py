@@ -32,7 +32,7 @@ def test_output_takes_the_target_statistics():
     torch.testing.assert_close(cov(out) / (out.shape[2] - 1), cov(t) / (t.shape[2] - 1))
 
 
-def test_gradients_are_exact():
+def test_gradients_are_exact(one_thread):
     content = _latents(b=1, c=3, h=3, w=4, seed=5).requires_grad_(True)
     target = _latents(b=1, c=3, h=2, w=4, seed=6).requires_grad_(True)
     assert torch.autograd.gradcheck(cwct.transfer, (content, target))

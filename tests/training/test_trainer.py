@@ -12,14 +12,6 @@ from capvst.training import TrainConfig, cwct, train
 from tests.training.helpers import image_folders, read_log, write_vgg
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared two-core machine: no OpenMP contention
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_cholesky_failure_mid_run_is_skipped_and_counted(tmp_path, monkeypatch, capsys,
                                                          one_thread):

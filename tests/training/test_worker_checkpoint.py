@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-import torch
 
 import capvst
 from capvst.settings import Settings
@@ -19,18 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def trained(tmp_path):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        content, style = image_folders(tmp_path / "data", n_content=1, n_style=1)
-        cfg = TrainConfig(mode="photorealistic", content=str(content), style=str(style),
-                          vgg=str(write_vgg(tmp_path / "vgg.pth")), out=str(tmp_path / "run"),
-                          steps=2, fine_tune_steps=0, new_size=32, crop=32, device="cpu",
-                          workers=0)
-        summary = train(cfg, Settings(), progress="none")
-    finally:
-        torch.set_num_threads(before)
+def trained(tmp_path, one_thread):
+    content, style = image_folders(tmp_path / "data", n_content=1, n_style=1)
+    cfg = TrainConfig(mode="photorealistic", content=str(content), style=str(style),
+                      vgg=str(write_vgg(tmp_path / "vgg.pth")), out=str(tmp_path / "run"),
+                      steps=2, fine_tune_steps=0, new_size=32, crop=32, device="cpu", workers=0)
+    summary = train(cfg, Settings(), progress="none")
     return tmp_path / "run" / "checkpoint.pt", summary
 
 
