@@ -64,7 +64,9 @@ class TrainConfig:
         if self.steps < 1:
             problems.append("--steps must be at least 1")
         if not 0 <= self.fine_tune_steps <= self.steps:
-            problems.append("--fine-tune-steps must lie between 0 and --steps")
+            problems.append(f"--fine-tune-steps ({self.fine_tune_steps}) must lie between 0 and "
+                            f"--steps ({self.steps}); the video stage is the last "
+                            "--fine-tune-steps of --steps (0: an image model only)")
         if self.batch_size < 1:
             problems.append("--batch-size must be at least 1")
         if self.crop < 8 or self.crop % 4:

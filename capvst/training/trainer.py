@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, settings: Settings, progress: str = "lines",
                f"style image files, steps {start}..{cfg.steps} (video stage from "
                f"{cfg.image_steps}), {workers} loader processes")
     t0 = time.monotonic()
-    step = start
+    step = completed = start
     sha = None
     last: StepResult | None = None
     batch: dict[str, Any] = {}
@@ -423,6 +423,7 @@ def train(cfg: TrainConfig, settings: Settings, progress: str = "lines",
                         optimizer.zero_grad(set_to_none=True)
                         report.say(f"step {step}: batch skipped, non-finite loss or gradient")
                         last = None
+                completed = step
                 if last is not None and (step % cfg.interval == 0 or step == cfg.steps):
                     line = {"step": step, "loss": last.losses["loss"],
                             **{k: last.losses[k] for k in COMPONENTS},
@@ -448,9 +449,9 @@ def train(cfg: TrainConfig, settings: Settings, progress: str = "lines",
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     sha = save_checkpoint(ckpt_path, net, cfg.mode, step, stage, cfg, optimizer)
     except KeyboardInterrupt:
-        if step > start:
-            save_checkpoint(ckpt_path, net, cfg.mode, step, stage, cfg, optimizer)
-            report.say(f"interrupted: saved step {step} to {ckpt_path}; --resume continues")
+        if completed > start:  # a step cut short is not saved as done
+            save_checkpoint(ckpt_path, net, cfg.mode, completed, stage, cfg, optimizer)
+            report.say(f"interrupted: saved step {completed} to {ckpt_path}; --resume continues")
         report.close()
         raise
     report.close()
