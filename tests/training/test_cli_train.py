@@ -64,7 +64,8 @@ def _argv(p, *extra):
 @pytest.mark.parametrize("extra, message", [
     (["--crop", "30"], "--crop must be a multiple of 4"),
     (["--crop", "256", "--new-size", "200"], "--new-size must be at least --crop"),
-    (["--steps", "10", "--fine-tune-steps", "11"], "--fine-tune-steps must lie between"),
+    (["--steps", "10", "--fine-tune-steps", "11"],
+     "--fine-tune-steps (11) must lie between 0 and --steps (10)"),
     (["--lr", "0"], "--lr must be positive"),
     (["--resume"], "--resume: no checkpoint at"),
 ])
