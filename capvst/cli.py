@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, cli_train
 from .cli_common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, parser_kwargs, service_failure
 from .cli_common import Fail as _Fail
 from .cli_common import err as _err
@@ -201,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import cli_jobs
 
     cli_jobs.add_commands(sub)
+    cli_train.add_command(sub)
     return p
 
 
