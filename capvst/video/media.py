@@ -71,7 +71,9 @@ def av_errors(what: str, cls: type[CapvstError] = BadVideo,
             raise
         if reader is not None and reader.failure is not None:
             raise reader.failure from None
-        detail = str(exc).strip() or type(exc).__name__
+        # FFmpeg's own words without the errno and the file name
+        detail = (getattr(exc, "strerror", None) if isinstance(exc, av.FFmpegError) else None
+                  ) or str(exc).strip() or type(exc).__name__
         raise cls(f"{what}: {detail}") from None
 
 
