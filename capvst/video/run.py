@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -48,7 +49,8 @@ Progress = Callable[[int], None]
 
 class FrameStylizer:
     """Stylizes the frames of one video item: style statistics (or, with masks, the style's
-    latent and label map) are computed once, in the constructor, and reused for every frame.
+    latent and label map) are computed once, in the constructor, and reused for every frame
+    (statistics through the stylizer's cache, keyed by ``style_keys``; give it room for them).
 
     A frame's result equals :meth:`capvst.stylize.Stylizer.stylize` of the same decoded frame
     as an image, with the same options.
@@ -71,7 +73,11 @@ class FrameStylizer:
         self.stylizer = stylizer
         self.max_size = max_size
         self.styles = list(styles)
-        self.keys = list(style_keys) if style_keys is not None else [None] * len(styles)
+        # a key for every style, so that the stylizer's cache serves every frame after the first
+        own = uuid.uuid4().hex
+        self.keys: list[str | None] = [
+            k if k is not None else f"{own}:{i}"
+            for i, k in enumerate(style_keys if style_keys is not None else [None] * len(styles))]
         self._z_style: Any = None
         self._style_labels: np.ndarray | None = None
         if style_mask is not None:

@@ -126,6 +126,30 @@ def test_frame_folder_is_a_video_in_natural_order(tmp_path, store):
     assert sorted(["f10", "f2", "f1"], key=natural_key) == ["f1", "f2", "f10"]
 
 
+def test_display_rotation_is_applied_like_players_do(tmp_path, store):
+    import av
+
+    path = str(tmp_path / "portrait.mp4")
+    with av.open(path, "w") as out:
+        vs = out.add_stream("libx264", rate=12)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        vs.set_display_rotation(90)  # counter-clockwise, as phones record portrait
+        arr = np.zeros((48, 64, 3), np.uint8)
+        arr[:, :8] = 255  # a white stripe on the left edge
+        for i in range(3):
+            f = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            f.pts = i
+            for p in vs.encode(f):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+    with open_video(store, path) as src:
+        assert (src.info.rotation, src.info.width, src.info.height) == (90, 48, 64)
+        img = np.asarray(next(src.segment_frames(plan_segments(src.info)[0])).image)
+    assert img.shape == (64, 48, 3)
+    assert img[-8:].mean() > 250 and img[:-8].mean() < 5  # the left edge is now the bottom
+
+
 # --- outputs -------------------------------------------------------------------------------
 def test_output_spec_from_format_or_extension():
     assert output_spec("out.mp4") == output_spec("x.m4v")
