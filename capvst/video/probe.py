@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 Kind = Literal["file", "frames"]
 #: Default target length of a segment, in seconds (``CAPVST_VIDEO_SEGMENT_SECONDS``).
 DEFAULT_SEGMENT_SECONDS = 10.0
+#: Seconds a file's streams may end before the duration its header states (a longer gap
+#: means a truncated file whose container has no frame count, as Matroska).
+TRUNCATION_SLACK = 0.5
 #: Frame rate of a frame folder when none is given (``CAPVST_VIDEO_FRAMES_FPS``).
 DEFAULT_FRAMES_FPS = 25.0
 
@@ -189,9 +192,15 @@ def _probe(container: Any, source: str | BinaryIO, limits: VideoLimits, name: st
 
     packets: list[tuple[int, bool, int]] = []
     seen = 0
-    for packet in container.demux(v):
+    last_end = Fraction(0)  # where the last packet of any stream ends, in seconds
+    for packet in container.demux():
         if packet.size == 0:
             continue  # the flush packet at the end
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if ts is not None and packet.time_base is not None:
+            last_end = max(last_end, (ts + (packet.duration or 0)) * packet.time_base)
+        if packet.stream_index != v.index:
+            continue
         seen += 1
         if getattr(packet, "is_discard", False):
             continue  # before the start of an edit list: decoders drop it too
@@ -206,6 +215,10 @@ def _probe(container: Any, source: str | BinaryIO, limits: VideoLimits, name: st
     if header_frames and seen < header_frames:
         raise BadVideo(f"{name} is truncated: its index lists {header_frames} frames, "
                        f"only {seen} are present")
+    start = Fraction(container.start_time or 0, 1_000_000)
+    if header_seconds and float(last_end - start) < header_seconds - TRUNCATION_SLACK:
+        raise BadVideo(f"{name} is truncated: its header says {header_seconds:.2f} s, the "
+                       f"streams end at {float(last_end - start):.2f} s")
     packets.sort()
     pts = tuple(p[0] for p in packets)
     if len(set(pts)) != len(pts):

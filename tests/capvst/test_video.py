@@ -200,7 +200,9 @@ def test_warping_error_is_lower_for_smooth_output_than_for_shuffled(videos):
 def _hostile(tmp_path, videos):
     good = open(videos["mp4"], "rb").read()
     fast = open(make_video(tmp_path / "fast.mp4", faststart=True), "rb").read()
+    mkv = open(videos["mkv"], "rb").read()
     cases = {
+        "truncated-mkv": mkv[: len(mkv) * 2 // 3],
         "truncated": good[: len(good) // 2],
         "truncated-faststart": fast[: len(fast) * 2 // 3],
         "random": np.random.default_rng(0).bytes(50_000),
@@ -210,14 +212,14 @@ def _hostile(tmp_path, videos):
     }
     paths = {}
     for name, data in cases.items():
-        p = tmp_path / f"{name}.mp4"
+        p = tmp_path / (f"{name}.mkv" if name.endswith("mkv") else f"{name}.mp4")
         p.write_bytes(data)
         paths[name] = str(p)
     return paths
 
 
-@pytest.mark.parametrize("case", ["truncated", "truncated-faststart", "random", "empty", "text",
-                                  "header-only"])
+@pytest.mark.parametrize("case", ["truncated", "truncated-faststart", "truncated-mkv", "random",
+                                  "empty", "text", "header-only"])
 def test_hostile_videos_fail_bad_video(tmp_path, videos, store, case):
     path = _hostile(tmp_path, videos)[case]
     with pytest.raises(BadVideo) as err:
