@@ -21,7 +21,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvalidItem, ModelError
-from .media import av_errors
+from .media import av_errors, require
 
 if TYPE_CHECKING:
     import numpy as np
@@ -104,6 +104,7 @@ def output_spec(uri: str, fmt: str | None = None) -> OutputSpec:
 
 
 def _has_encoder(name: str) -> bool:
+    require("av")
     from av.codec.codec import Codec
 
     try:

@@ -8,13 +8,14 @@ or concat script that opens other files or URLs.
 
 from __future__ import annotations
 
+import importlib
 import io
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ..errors import BadVideo, CapvstError, NotFound, TooLarge
+from ..errors import BadVideo, CapvstError, ModelError, NotFound, TooLarge
 
 if TYPE_CHECKING:
     import av.container
@@ -41,6 +42,18 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+_PACKAGES = {"av": "PyAV (av)", "cv2": "OpenCV (opencv-python-headless)"}
+
+
+def require(module: str) -> Any:
+    """Import PyAV (``av``) or OpenCV (``cv2``), or say how to install them."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModelError(f"videos need {_PACKAGES.get(module, module)}, which is not "
+                         "installed: pip install 'capvst[video]'") from None
+
+
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key putting ``frame_2`` before ``frame_10`` (digits compared as numbers)."""
     parts = re.split(r"(\d+)", name)
@@ -55,7 +68,7 @@ def av_errors(what: str, cls: type[CapvstError] = BadVideo,
     A failure of the storage under ``reader`` (a passing S3 fault, say) is raised as itself,
     so that it is retried rather than blamed on the video.
     """
-    import av
+    av = require("av")
 
     try:
         yield
@@ -79,7 +92,7 @@ def av_errors(what: str, cls: type[CapvstError] = BadVideo,
 
 def open_input(source: str | BinaryIO, *, name: str = "video") -> av.container.InputContainer:
     """Open a video for reading with the demuxer its first bytes name; BadVideo otherwise."""
-    import av
+    av = require("av")
 
     if isinstance(source, str):
         try:

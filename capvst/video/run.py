@@ -329,6 +329,8 @@ class VideoResult:
     audio: str | None
     warping_error: float | None
     seconds: dict[str, float]
+    #: False when the output already existed (create-only): an earlier join finished it.
+    written: bool = True
 
     def report_fields(self) -> dict[str, Any]:
         """The fields a report line adds for a video item."""
@@ -342,8 +344,9 @@ def join_video(source: VideoSource, results: Sequence[SegmentResult], spec: Outp
     """Join finished segments, in order, into the output and sum their figures.
 
     Checks that the segments cover every frame once. Video formats: packet copy of the
-    segments plus the source's audio into ``output_uri`` (create-only unless ``overwrite``).
-    ``frames``: the PNGs are already in place; their count is checked.
+    segments plus the source's audio into ``output_uri`` (create-only unless ``overwrite``;
+    an output that already exists is kept and ``written`` is False). ``frames``: the PNGs
+    are already in place; their count is checked.
     """
     info = source.info
     ordered = sorted(results, key=lambda r: r.start)
@@ -357,6 +360,7 @@ def join_video(source: VideoSource, results: Sequence[SegmentResult], spec: Outp
         raise ModelError(f"segments cover {expect} of {info.frames} frames")
     t0 = time.perf_counter()
     audio = None
+    written = True
     if spec.format == "frames":
         prefix = parse(output_uri).path.rstrip("/")
         names = {frame_name(i) for i in range(info.frames)}
@@ -386,8 +390,8 @@ def join_video(source: VideoSource, results: Sequence[SegmentResult], spec: Outp
             audio = stats.audio
             with open(out_path, "rb") as fh:
                 ctype = "video/webm" if spec.format == "webm" else "video/mp4"
-                store.write(output_uri, fh.read(), create_only=not overwrite,
-                            content_type=ctype)
+                written = store.write(output_uri, fh.read(), create_only=not overwrite,
+                                      content_type=ctype)
     seconds: dict[str, float] = {}
     for r in ordered:
         for k, v in r.seconds.items():
@@ -398,7 +402,7 @@ def join_video(source: VideoSource, results: Sequence[SegmentResult], spec: Outp
                        segments=len(ordered), width=ordered[0].width,
                        height=ordered[0].height,
                        fps=float(info.fps), duration=info.duration, audio=audio,
-                       warping_error=warp.value, seconds=seconds)
+                       warping_error=warp.value, seconds=seconds, written=written)
 
 
 def stylize_video(store: Storage, content_uri: str, output_uri: str, frames: FrameStylizer, *,

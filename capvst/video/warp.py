@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .media import require
+
 #: Long edge at which flow and error are computed.
 MAX_SIDE = 480
 _FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2,
@@ -54,7 +56,7 @@ def pair_error(prev_in: np.ndarray, cur_in: np.ndarray, prev_out: np.ndarray,
                cur_out: np.ndarray) -> float | None:
     """Warping error of one pair (HWC uint8 RGB arrays of one size), or None when no pixel
     can be tracked."""
-    import cv2
+    cv2 = require("cv2")
 
     if prev_in.shape != cur_in.shape or prev_out.shape != cur_out.shape:
         raise ValueError("frames of a pair must have one size")

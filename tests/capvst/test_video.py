@@ -311,3 +311,15 @@ def test_probe_plan_join_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_missing_video_packages_say_how_to_install(monkeypatch, videos, store):
+    from capvst.errors import ModelError
+
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(ModelError, match=r"pip install 'capvst\[video\]'"):
+        _info(store, videos["mp4"])
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    frame = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ModelError, match="OpenCV"):
+        warping_error([frame, frame], [frame, frame])
