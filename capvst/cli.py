@@ -124,7 +124,8 @@ def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="output format when OUT is a folder (default png); for a video: mp4, "
                         "webm or frames (PNG frames in the folder OUT)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output file (one content) or folder (several contents)")
+                   help="output file (one content) or folder (several contents); for a "
+                        "video, a video file or a folder of PNG frames")
     cli_video.add_arguments(p)
     p.set_defaults(func=cmd_stylize)
 
