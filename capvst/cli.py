@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__, cli_train
+from . import __version__, cli_train, cli_video
 from .cli_common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, parser_kwargs, service_failure
 from .cli_common import Fail as _Fail
 from .cli_common import err as _err
@@ -27,6 +27,7 @@ from .cli_common import weights as _weights
 from .errors import CapvstError
 from .images import DEFAULT_MAX_SIZE, OUTPUT_FORMATS
 from .types import MODES
+from .video.encode import VIDEO_FORMATS
 
 
 def _positive_int(text: str) -> int:
@@ -54,19 +55,24 @@ def _unit_float(text: str) -> float:
 # ---------------------------------------------------------------------------------------------
 def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "stylize", help="stylize images in this process (no queue)", **parser_kwargs(
+        "stylize", help="stylize images or a video in this process (no queue)",
+        **parser_kwargs(
             description="Stylize one content image into the file OUT, or several into the "
-                        "folder OUT (named after each content's stem). Inputs are local paths, "
-                        "file:// or s3:// URIs. No Redis or workers are involved."))
+                        "folder OUT (named after each content's stem). A video (MP4, MOV, MKV, "
+                        "WebM, AVI, or a folder of frames) becomes the video OUT (.mp4, .mov, "
+                        ".mkv, .webm) or PNG frames in the folder OUT, with its frame rate, "
+                        "timing and audio. Inputs are local paths, file:// or s3:// URIs. No "
+                        "Redis or workers are involved."))
     p.add_argument("contents", nargs="+", metavar="CONTENT",
-                   help="content image(s): a path, file:// or s3:// URI")
+                   help="content image(s): a path, file:// or s3:// URI; or one video")
     p.add_argument("--style", action="append", required=True, metavar="S",
                    help="style image; repeat to mix several styles")
     p.add_argument("--style-weights", type=_weights, metavar="W1,W2",
                    help="mixing weights, one per --style (normalised to sum 1; default equal)")
     p.add_argument("--alpha-c", type=_unit_float, default=0.0, metavar="A",
                    help="blend the statistics towards the content's own, 0..1 (default 0)")
-    p.add_argument("--content-mask", metavar="M", help="segmentation mask of the content")
+    p.add_argument("--content-mask", metavar="M", help="segmentation mask of the content (for "
+                   "a video: one image for every frame, or a mask video or folder of masks)")
     p.add_argument("--style-mask", metavar="M", help="segmentation mask of the style")
     p.add_argument("--mode", choices=MODES, default="photorealistic",
                    help="network configuration (default photorealistic)")
@@ -82,10 +88,13 @@ def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--transform-dtype", choices=("float64", "float32"), default=None,
                    help="precision of the transform (default float64, the original's; float32 "
                         "is a faster approximation)")
-    p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
-                   help="output format when OUT is a folder (default png)")
+    p.add_argument("--format", choices=(*OUTPUT_FORMATS, *VIDEO_FORMATS), default=None,
+                   help="output format when OUT is a folder (default png); for a video: mp4, "
+                        "webm or frames (PNG frames in the folder OUT)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output file (one content) or folder (several contents)")
+                   help="output file (one content) or folder (several contents); for a "
+                        "video, a video file or a folder of PNG frames")
+    cli_video.add_arguments(p)
     p.set_defaults(func=cmd_stylize)
 
 
@@ -127,6 +136,14 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from .storage import Storage
     from .stylize import Stylizer
 
+    video_store = Storage(_settings(), confine_local=False)
+    if cli_video.wants_video(args, video_store):  # videos: capvst/cli_video.py
+        try:
+            return cli_video.cmd_stylize_video(args, _settings(), video_store)
+        except cli_video.UsageError as exc:
+            raise _Fail(str(exc), EXIT_USAGE) from None
+    if args.format in VIDEO_FORMATS:
+        raise _Fail(f"--format {args.format} is for videos", EXIT_USAGE)
     if (args.content_mask is None) != (args.style_mask is None):
         raise _Fail("--content-mask and --style-mask go together", EXIT_USAGE)
     if args.content_mask and len(args.contents) > 1:

@@ -11,6 +11,7 @@ ERROR_CODES = (
     "not_found",
     "access_denied",
     "bad_image",
+    "bad_video",
     "too_large",
     "too_small",
     "invalid_item",
@@ -71,6 +72,12 @@ class BadImage(PermanentError):
     """The bytes are not a decodable image."""
 
     code = "bad_image"
+
+
+class BadVideo(PermanentError):
+    """The bytes are not a decodable video, or the video is truncated or corrupt."""
+
+    code = "bad_video"
 
 
 class TooLarge(PermanentError):

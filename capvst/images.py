@@ -210,7 +210,11 @@ def decode_mask(source: Source, size: tuple[int, int],
     single-channel masks (L) are label maps already. Masks of another size are resized with
     nearest-neighbour sampling.
     """
-    img = _to_8bit(_load(_open(source, max_pixels)))
+    return mask_labels(_to_8bit(_load(_open(source, max_pixels))), size)
+
+
+def mask_labels(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The label map of an already decoded mask image (see :func:`decode_mask`)."""
     if img.mode in ("1", "L", "LA"):
         img = img.convert("L")
         if img.size != size:

@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     report_rows: int = Field(100, ge=0)
     #: Intra-op threads per worker process; unset leaves PyTorch's default.
     torch_threads: int | None = Field(None, ge=1)
+    # -- video items ---------------------------------------------------------------------
+    #: Videos with more frames than this fail with ``too_large``.
+    max_video_frames: int = Field(500_000, ge=1)
+    #: Videos longer than this many seconds fail with ``too_large``.
+    max_video_seconds: float = Field(4 * 3600.0, gt=0)
+    #: Video files over this many bytes fail with ``too_large`` before they are read.
+    max_video_bytes: int = Field(20_000_000_000, ge=1)
+    #: Target length of a video segment (one task); cuts fall on the nearest keyframe.
+    video_segment_seconds: float = Field(10.0, gt=0)
+    #: Frame rate of a folder or prefix of frames (which carries none of its own).
+    video_frames_fps: float = Field(25.0, gt=0, le=1000)
 
     # -- job engine: leases and the reconciler ------------------------------------------------
     #: A step or task run that has not renewed its lease for this long is presumed dead: the
