@@ -715,3 +715,13 @@ def test_keda_on_prometheus(k8s: dict[str, list[dict[str, Any]]]) -> None:
     assert meta["serverAddress"].startswith(("http://", "https://"))
     assert float(meta["threshold"]) > 0
     assert _check_query(meta["query"], "keda-prometheus.yaml") == {"capvst_jobs"}
+
+
+def test_celery_is_new_enough_for_the_engine() -> None:
+    """The engine relies on Celery 5.7 behaviour (hard time limits reach Task.on_failure)."""
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()
+    m = re.search(r'"celery\[redis\]>=(\d+)\.(\d+)', text)
+    assert m and (int(m.group(1)), int(m.group(2))) >= (5, 7)
+    assert '"lua/*.lua"' in text  # the job-state scripts ship with the package
