@@ -198,7 +198,7 @@ def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
             payload = message.decode() if body is None else body
             problem = message_problem(task.name, message.headers, payload)
         except Exception as exc:  # undecodable in any way is the same verdict
-            problem = f"undecodable ({type(exc).__name__})"
+            problem = f"undecodable ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is None:
             try:
                 return handler(message, body, ack, reject, callbacks, **kw)

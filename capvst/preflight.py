@@ -25,11 +25,14 @@ CHECK_TIMEOUT = 300.0
 
 
 def check_models(settings: Settings) -> dict[str, str]:
-    """Load every mode this worker serves, on the CPU; ``{mode: model id}``. Raises
+    """Check the device and load every mode this worker serves, on the CPU;
+    ``{mode: model id}``. Raises
     :class:`CheckpointError` (or another capvst error) when one cannot be used."""
     from . import load_model
     from .storage import Storage
+    from .stylize import resolve_device
 
+    resolve_device(settings.device)  # a worker told to use a GPU it lacks stops here
     store = Storage(settings, confine_local=False)  # checkpoints are the operator's files
     out: dict[str, str] = {}
     for mode in settings.modes:

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -42,6 +44,8 @@ class Process:
     """This pool process's context, built once at process start."""
 
     role: str | None = None  # decided in the parent, inherited by the pool processes
+    #: a file a pool process creates when it cannot start; the parent then exits non-zero
+    failed_flag: str | None = None
     ctx: WorkerContext | None = None
 
     @classmethod
@@ -79,6 +83,20 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
     except CapvstError as exc:
         log.critical("capvst worker cannot start: %s", exc.message)
         raise SystemExit(f"capvst worker cannot start: {exc.message}") from None
+    fd, Process.failed_flag = tempfile.mkstemp(prefix="capvst-worker-", suffix=".failed")
+    os.close(fd)
+    os.unlink(Process.failed_flag)
+    atexit.register(_exit_failed, Process.failed_flag)
+
+
+def _exit_failed(flag: str) -> None:
+    """At the parent's exit: leave with status 1 when a pool process could not start (the
+    warm shutdown it asked for would otherwise end with status 0, and a supervisor would
+    take the stop for a normal one)."""
+    if os.path.exists(flag):
+        os.unlink(flag)
+        logging.shutdown()
+        os._exit(1)
 
 
 @celery_signals.worker_process_init.connect
@@ -90,7 +108,11 @@ def _process_init(**_: Any) -> None:
     except Exception as exc:
         # a process that cannot use its device must not drain the queue with failures:
         # stop the whole worker (warm shutdown hands back what it holds)
-        log.critical("stylize process cannot start (%s); stopping the worker", exc)
+        log.critical("capvst worker cannot start: stylize process failed (%s); stopping the "
+                     "worker", exc)
+        if Process.failed_flag:
+            with open(Process.failed_flag, "w") as fh:
+                fh.write(str(exc))
         os.kill(os.getppid(), signal.SIGTERM)
         os._exit(1)
 

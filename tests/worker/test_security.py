@@ -70,7 +70,10 @@ def test_worker_refuses_to_start_with_a_bad_checkpoint(tmp_path):
         c.env["CAPVST_CHECKPOINT_PHOTOREALISTIC_SHA256"] = hashlib.sha256(
             ckpt.read_bytes()).hexdigest()
         ok = c.worker("good").wait_ready()
-        assert hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12] in ok.log()
+        model_id = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
+        # the pool process names the model it loaded once it is ready to take tasks
+        wait_for(lambda: f"model {model_id} ready" in ok.log(), 60, "the model to load")
+        assert ok.proc.poll() is None
     finally:
         c.stop()
 
