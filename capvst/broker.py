@@ -95,10 +95,40 @@ def transport_options(settings: Settings) -> dict[str, object]:
     return opts
 
 
+def _guard_closed_redis_channel() -> None:
+    """Make a Redis channel of a connection that is already closed fail with a connection
+    error instead of an ``AttributeError``.
+
+    When the broker drops, Celery's consumer first collects the connection (which detaches
+    its transport) and then closes it; closing the default channel tries to hand back the
+    unacknowledged messages and needs connection parameters the detached transport no longer
+    has. The ``AttributeError`` that follows is not a connection error, so Celery calls it
+    unrecoverable and the whole worker stops on a Redis restart. As a connection error it is
+    ignored like every other failure of that close; the messages it could not hand back are
+    restored by the visibility timeout or by the reconciler (docs/RELIABILITY.md).
+    """
+    from kombu.transport import redis as kombu_redis
+
+    if getattr(kombu_redis.Channel, "_capvst_guarded", False):
+        return
+    original = kombu_redis.Channel._connparams
+
+    def _connparams(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.connection.client is None:
+            raise kombu_redis.redis.exceptions.ConnectionError(
+                "the broker connection is already closed")
+        return original(self, *args, **kwargs)
+
+    kombu_redis.Channel._connparams = _connparams
+    kombu_redis.Channel._capvst_guarded = True
+
+
 def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     """A configured Celery app for ``settings`` registering the task modules ``include``."""
     from celery import Celery
     from kombu import Exchange, Queue
+
+    _guard_closed_redis_channel()
 
     app = Celery("capvst", broker=settings.broker_url, include=list(include))
     app.conf.update(
