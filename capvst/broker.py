@@ -119,8 +119,8 @@ def _guard_closed_redis_channel() -> None:
                 "the broker connection is already closed")
         return original(self, *args, **kwargs)
 
-    kombu_redis.Channel._connparams = _connparams
-    kombu_redis.Channel._capvst_guarded = True
+    setattr(kombu_redis.Channel, "_connparams", _connparams)
+    setattr(kombu_redis.Channel, "_capvst_guarded", True)
 
 
 def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:

@@ -202,11 +202,12 @@ def output_digest(uri: str) -> str:
                                             digest_size=8).digest()).decode()
 
 
-def _result_args(results: Iterable[ItemResult]) -> list[Any]:
+def _result_args(results: Iterable[ItemResult], records: bool = True) -> list[Any]:
+    """Script arguments per result; without ``records`` the JSON is left out (state only)."""
     args: list[Any] = []
     for r in results:
         cancelled = int(r.status == "failed" and r.code == "cancelled")
-        args += [r.line, RANK[r.status], cancelled, r.to_json()]
+        args += [r.line, RANK[r.status], cancelled, r.to_json() if records else ""]
     return args
 
 
@@ -367,7 +368,7 @@ class JobStore:
         changed, due = self._record(
             keys=[*self._keys(job, "st", "cx", "inbox", "deaths", "late"), ACTIVE],
             args=[time.time(), self.lease_seconds, cancel_token or "", int(push),
-                  *_result_args(results)])
+                  *_result_args(results, records=push)])
         return int(changed), bool(due)
 
     def inbox_length(self, job: str) -> int:

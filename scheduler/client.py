@@ -265,9 +265,11 @@ class Client:
             if not c.cancelled:
                 raise JobError(f"job {job} already finished; nothing to resume", 0)
             # a finished job keeps no per-line state: rebuild it, without the cancellations
-            self.jobs.r.hdel(self.jobs.key(job), "cancelled")
+            # out of the finished states first: a result recorded into a finished job is a
+            # late result kept for a re-finalize, not per-line state
+            self.jobs.r.hdel(self.jobs.key(job), "cancelled", "expanded", "finalize_due")
             self.jobs.r.hset(self.jobs.key(job), mapping={
-                "n_succeeded": 0, "n_failed": 0, "n_skipped": 0})
+                "n_succeeded": 0, "n_failed": 0, "n_skipped": 0, "state": "queued"})
             n = self._rebuild(rec)
             say(f"recovered {n} results from object storage")
         elif c.cancelled:

@@ -1,7 +1,7 @@
 -- Record item results.
 -- KEYS: job, st, cx, inbox, deaths, late, active jobs
 -- ARGV: now, lease, cancel token ('' when no record is a cancellation), push (1/0),
---       then per result: line, rank, cancelled (0/1), record JSON
+--       then per result: line, rank, cancelled (0/1), record JSON ('' with push 0)
 -- Returns {changed, finalize due}; {-1, 0} for an unknown job.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -12,7 +12,7 @@ if state == 'done' or state == 'cancelled' then
   -- already reported: per-line state is gone; a result that may improve the report is kept
   -- for a re-finalize (a late copy of a chunk finishing after the report was written)
   for i = 5, #ARGV, 4 do
-    if tonumber(ARGV[i + 1]) >= 2 then
+    if tonumber(ARGV[i + 1]) >= 2 and ARGV[i + 3] ~= '' then
       redis.call('RPUSH', KEYS[6], ARGV[i + 3])
       changed = changed + 1
     end

@@ -298,3 +298,39 @@ def test_redis_bytes_per_running_item_stay_under_100(redis_server, tmp_path):
     per_item = (int(r.info("memory")["used_memory"]) - before) / n
     print(f"\nRedis bytes per running item: {per_item:.1f}")
     assert per_item < 100, per_item
+
+
+def test_resume_of_a_finished_cancelled_job_rebuilds_state_not_late_results(redis_server,
+                                                                            tmp_path):
+    """The results read back from storage become per-line state again; none is mistaken
+    for a late result of the finished job (which Redis would keep as a JSON copy each)."""
+    from capvst.manifest import Item
+    from scheduler.client import Client
+
+    ctx, out = engine(redis_server.url, tmp_path)
+    rec = submit(ctx, _manifest(tmp_path / "m.jsonl", _good(6)), tmp_path / "out")
+    run_expansion(ctx, out, rec)
+    items = [Item.model_validate(i) for k in out.take(TaskNames.STYLIZE.value)
+             for i in k["items"]]
+    token = ctx.jobs.request_cancel(rec.id)
+    done = [ItemResult.of_item(i, "succeeded") for i in items[:4]]
+    done += [ItemResult.of_item(i, "failed", code="cancelled", message="cancelled")
+             for i in items[4:]]
+    assert ctx.jobs.record(rec.id, done, cancel_token=token)[1]
+    out(TaskNames.FINALIZE.value, {"job": rec.id}, "")
+    assert finish(ctx, out) == ["cancelled"]
+    assert ctx.jobs.counts(rec.id).state == "cancelled"  # type: ignore[union-attr]
+
+    client = Client(ctx.settings)
+    client._sender = out
+    client.resume(rec.id)
+    r = redis_server.client()
+    assert r.llen(ctx.jobs.key(rec.id, "late")) == 0
+    assert ctx.jobs.ranks(rec.id, [it.line for it in items]) == [3, 3, 3, 3, 0, 0]
+    c = ctx.jobs.counts(rec.id)
+    assert (c.succeeded, c.failed, c.state) == (4, 0, "queued")  # type: ignore[union-attr]
+    [step] = out.take(TaskNames.EXPAND.value)
+    assert run_expansion(ctx, out, rec, epoch=step["epoch"]) == ["done"]
+    assert work(ctx, out) == 2  # only the cancelled lines run again
+    assert finish(ctx, out) == ["done"]
+    assert [x["status"] for x in report_rows(rec)] == ["succeeded"] * 6
