@@ -119,8 +119,9 @@ def _guard_closed_redis_channel() -> None:
                 "the broker connection is already closed")
         return original(self, *args, **kwargs)
 
-    setattr(kombu_redis.Channel, "_connparams", _connparams)
-    setattr(kombu_redis.Channel, "_capvst_guarded", True)
+    channel: Any = kombu_redis.Channel
+    channel._connparams = _connparams
+    channel._capvst_guarded = True
 
 
 def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
