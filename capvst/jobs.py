@@ -387,20 +387,29 @@ class JobStore:
         """Results that arrived after the report was written."""
         return list(self.r.lrange(self.key(job, "late"), 0, -1))  # type: ignore[arg-type]
 
-    def import_results(self, job: str, results: Iterable[ItemResult], batch: int = 2000
-                       ) -> int:
-        """Record results read back from object storage; returns how many changed a line."""
+    def import_states(self, job: str, states: Iterable[tuple[int, str, str | None]],
+                      batch: int = 5000) -> int:
+        """Record ``(line, status, code)`` of results already in object storage (state only,
+        no copy kept in Redis); returns how many changed a line."""
         n = 0
-        chunk: list[ItemResult] = []
-        for r in results:
-            chunk.append(r)
-            if len(chunk) >= batch:
-                n += max(0, self.record(job, chunk, push=False,
-                                        cancel_token=self.cancel_token(job))[0])
-                chunk = []
-        if chunk:
-            n += max(0, self.record(job, chunk, push=False,
-                                    cancel_token=self.cancel_token(job))[0])
+        token = self.cancel_token(job)
+        args: list[Any] = []
+        count = 0
+
+        def flush() -> int:
+            changed, _due = self._record(
+                keys=[*self._keys(job, "st", "cx", "inbox", "deaths", "late"), ACTIVE],
+                args=[time.time(), self.lease_seconds, token or "", 0, *args])
+            return max(0, int(changed))
+
+        for line, status, code in states:
+            args += [line, RANK[status], int(status == "failed" and code == "cancelled"), ""]
+            count += 1
+            if count >= batch:
+                n += flush()
+                args, count = [], 0
+        if count:
+            n += flush()
         return n
 
     # -- deaths: items in flight when their worker died ----------------------------------------
