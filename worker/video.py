@@ -349,13 +349,14 @@ def run_segment(step: VideoStep, index: int, hb: Heartbeat) -> str:
             return "failed"
     try:
         _stylize_segment(step, plan, index, seg_uri)
-    except PermanentError as exc:
-        step.fail(item, exc.code, f"segment {index}: {exc.message}")
-        return exc.code
-    except (TransientError, SoftTimeLimitExceeded, Exception) as exc:
-        if not isinstance(exc, (TransientError, SoftTimeLimitExceeded)):
-            if is_transient_infrastructure(exc):
-                raise  # Redis or the broker: the message goes back as it is
+    except Exception as exc:
+        if isinstance(exc, PermanentError) and not isinstance(exc, ModelError):
+            # the input is at fault (bad_video, not_found, ...): running it again cannot help
+            step.fail(item, exc.code, f"segment {index}: {exc.message}")
+            return exc.code
+        if is_transient_infrastructure(exc):
+            raise  # Redis or the broker: the message goes back as it is
+        if not isinstance(exc, (CapvstError, SoftTimeLimitExceeded)):
             log.exception("job %s line %s: segment %d failed", step.job, step.line, index)
         code = "timeout" if isinstance(exc, SoftTimeLimitExceeded) else (
             exc.code if isinstance(exc, CapvstError) else "model_error")
