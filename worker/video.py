@@ -336,7 +336,7 @@ def run_segment(step: VideoStep, index: int, hb: Heartbeat) -> str:
         step.fail(item, "model_error", f"segment {index} is not in the plan")
         return "failed"
     seg_uri = segment_uri(step.folder, index)
-    if index in step.done_segments():
+    if index in step.done_segments() or _stored_result(step, seg_uri):
         step.mark_done(plan, index)  # a copy of a finished segment: make sure join is sent
         return "done already"
     if _previous_run_died(step, hb):
@@ -376,6 +376,13 @@ def run_segment(step: VideoStep, index: int, hb: Heartbeat) -> str:
         return "retried"
     step.mark_done(plan, index)
     return "done"
+
+
+def _stored_result(step: VideoStep, seg_uri: str) -> bool:
+    """Whether the segment's result is in storage (Redis may have lost the done set)."""
+    from capvst.video.run import result_uri
+
+    return bool(step.retrying(lambda: step.store.exists(result_uri(seg_uri))))
 
 
 def _previous_run_died(step: VideoStep, hb: Heartbeat) -> bool:

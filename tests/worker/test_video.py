@@ -227,3 +227,15 @@ def test_video_messages_pass_the_guard():
                            [[], {"job": "j", "line": 0, "index": -1}, {}]) is not None
     assert message_problem("capvst.video.join", {"id": "x"},
                            [[], {"job": "j", "line": 3}, {}]) is None
+
+
+def test_a_segment_whose_result_is_stored_is_not_run_again(setup, monkeypatch):
+    ctx, out, tmp = setup
+    wv.plan_item(step(ctx), video_item(tmp))
+    out.take("capvst.video.segment")
+    ran = []
+    monkeypatch.setattr(wv, "_stylize_segment", lambda s, p, i, u: ran.append(i))
+    folder = tmp / "out" / "_capvst" / JOB / "video" / "1"
+    (folder / "seg-0001.mp4.json").write_text("{}")  # Redis lost the done set, storage has it
+    assert segment(ctx, 1) == "done already"
+    assert ran == [] and ctx.jobs.r.smembers(wv.done_key(JOB, 1)) == {"1"}
