@@ -395,8 +395,13 @@ def _previous_run_died(step: VideoStep, hb: Heartbeat) -> bool:
 
 
 def _stylize_segment(step: VideoStep, plan: Plan, index: int, seg_uri: str) -> Any:
-    from capvst.video import FrameStylizer, open_video, output_spec, stylize_segment
-    from capvst.video.run import _content_mask
+    from capvst.video import (
+        FrameStylizer,
+        open_content_mask,
+        open_video,
+        output_spec,
+        stylize_segment,
+    )
 
     s, item, store = step.s, plan.item, step.store
     stylizer = step.ctx.stylizer(item.mode)
@@ -416,7 +421,7 @@ def _stylize_segment(step: VideoStep, plan: Plan, index: int, seg_uri: str) -> A
     limits = _limits(step.ctx)
     with open_video(store, item.content, limits, info=plan.info, fps=s.video_frames_fps,
                     max_frame_bytes=s.max_input_bytes) as src, \
-            _content_mask(store, item.content_mask, limits, s.video_frames_fps,
+            open_content_mask(store, item.content_mask, limits, s.video_frames_fps,
                           s.max_input_bytes) as mask:
         return stylize_segment(src, plan.segments[index], frames, spec, store,
                                segment_uri=seg_uri, output_uri=item.output, content_mask=mask)

@@ -426,7 +426,7 @@ def stylize_video(store: Storage, content_uri: str, output_uri: str, frames: Fra
         segments = plan_segments(source.info, segment_seconds)
         if on_start is not None:
             on_start(source.info.frames)
-        with _content_mask(store, content_mask_uri, limits, fps, max_mask_bytes) as mask:
+        with open_content_mask(store, content_mask_uri, limits, fps, max_mask_bytes) as mask:
             results = [
                 stylize_segment(source, seg, frames, spec, store,
                                 segment_uri=os.path.join(tmp, f"segment_{seg.index:05d}.mp4"),
@@ -438,9 +438,10 @@ def stylize_video(store: Storage, content_uri: str, output_uri: str, frames: Fra
 
 
 @contextmanager
-def _content_mask(store: Storage, uri: str | None, limits: VideoLimits, fps: float | None,
-                  max_bytes: int | None) -> Iterator[ContentMask | None]:
-    """The :class:`ContentMask` of ``uri``: an image, or a video or folder of masks."""
+def open_content_mask(store: Storage, uri: str | None, limits: VideoLimits, fps: float | None,
+                      max_bytes: int | None) -> Iterator[ContentMask | None]:
+    """The :class:`ContentMask` of ``uri`` (None without one): an image for every frame, or
+    a video or folder of masks, one per frame."""
     if uri is None:
         yield None
         return
