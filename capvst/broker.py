@@ -39,6 +39,9 @@ class TaskNames(str, Enum):
     STYLIZE = "capvst.stylize"
     EXPAND = "capvst.expand"
     FINALIZE = "capvst.finalize"
+    VIDEO_PLAN = "capvst.video.plan"
+    VIDEO_SEGMENT = "capvst.video.segment"
+    VIDEO_JOIN = "capvst.video.join"
 
 
 class StylizePayload(BaseModel):
@@ -66,14 +69,45 @@ class FinalizePayload(BaseModel):
     job: str = Field(min_length=1, max_length=128)
 
 
+class VideoPlanPayload(BaseModel):
+    """Arguments of ``capvst.video.plan``: one video item of a job."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: str = Field(min_length=1, max_length=128)
+    item: Item
+
+
+class VideoSegmentPayload(BaseModel):
+    """Arguments of ``capvst.video.segment``: one segment of a planned video item."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: str = Field(min_length=1, max_length=128)
+    line: int = Field(ge=1)
+    index: int = Field(ge=0)
+
+
+class VideoJoinPayload(BaseModel):
+    """Arguments of ``capvst.video.join``: a video item whose segments are all done."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: str = Field(min_length=1, max_length=128)
+    line: int = Field(ge=1)
+
+
 PAYLOADS: dict[str, type[BaseModel]] = {
     TaskNames.STYLIZE.value: StylizePayload,
     TaskNames.EXPAND.value: ExpandPayload,
     TaskNames.FINALIZE.value: FinalizePayload,
+    TaskNames.VIDEO_PLAN.value: VideoPlanPayload,
+    TaskNames.VIDEO_SEGMENT.value: VideoSegmentPayload,
+    TaskNames.VIDEO_JOIN.value: VideoJoinPayload,
 }
 ROUTES = {TaskNames.STYLIZE.value: Queues.STYLIZE.value,
           TaskNames.EXPAND.value: Queues.SCHEDULE.value,
-          TaskNames.FINALIZE.value: Queues.SCHEDULE.value}
+          TaskNames.FINALIZE.value: Queues.SCHEDULE.value,
+          TaskNames.VIDEO_PLAN.value: Queues.STYLIZE.value,
+          TaskNames.VIDEO_SEGMENT.value: Queues.STYLIZE.value,
+          TaskNames.VIDEO_JOIN.value: Queues.STYLIZE.value}
 
 
 def transport_options(settings: Settings) -> dict[str, object]:

@@ -28,6 +28,8 @@ from .storage import join, parse, resolve, split_version, versioned
 from .types import SUBMIT_FORMATS as SUBMIT_FORMATS  # re-exported
 from .types import Mode
 from .types import SubmitFormat as SubmitFormat  # re-exported
+from .video.encode import VIDEO_FORMATS, VideoFormat, output_spec
+from .video.media import VIDEO_EXTENSIONS
 
 #: Longest accepted manifest line in bytes; longer lines fail alone (and are never buffered).
 MAX_LINE_BYTES = 64 * 1024
@@ -37,6 +39,8 @@ MAX_MAX_SIZE = 8192
 RESERVED = "_capvst"
 FIELDS = ("content", "style", "style_weights", "alpha_c", "mode", "max_size", "content_mask",
           "style_mask", "output", "format", "id")
+#: A line's ``format``: an image format, or a video's (mp4, webm, frames).
+ItemFormat = Literal["png", "jpg", "webp", "mp4", "webm", "frames"]
 #: Formats the scheduler expands line by line.
 ManifestFormat = Literal["jsonl", "csv", "s3-batch"]
 
@@ -84,7 +88,7 @@ class LineSpec(BaseModel):
     content_mask: str | None = None
     style_mask: str | None = None
     output: str | None = None
-    format: OutputFormat | None = None
+    format: ItemFormat | None = None
     id: str | None = Field(None, max_length=512)
 
     @field_validator("alpha_c", "max_size", "style_weights", mode="before")
@@ -127,7 +131,10 @@ class Item(BaseModel):
     content_mask: str | None = None
     style_mask: str | None = None
     output: str
-    format: OutputFormat
+    format: ItemFormat
+    #: A video item (content a video file or a folder/prefix of frames): planned into
+    #: segments that run as separate tasks, then joined.
+    video: bool = False
 
     @property
     def style_field(self) -> str | list[str]:
@@ -277,7 +284,48 @@ def parse_line(text: str, fmt: ManifestFormat, header: list[str] | None = None
 
 
 def _stem(uri: str) -> str:
-    return os.path.splitext(parse(split_version(uri)[0]).name)[0] or "image"
+    return os.path.splitext(parse(split_version(uri)[0].rstrip("/")).name)[0] or "image"
+
+
+def is_video_content(ref: str) -> bool:
+    """Whether a line's ``content`` names a video: a video file extension (MP4, M4V, MOV,
+    MKV, AVI, WebM) or a folder/prefix of frames (a trailing ``/``). Decided from the name
+    alone, so expansion never reads the object."""
+    if ref.endswith("/"):
+        return True
+    path = parse(split_version(ref)[0]).path if "://" in ref else split_version(ref)[0]
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _video_output(spec: LineSpec, content: str, styles: list[str], output_prefix: str
+                  ) -> tuple[str, VideoFormat]:
+    """Output URI and format of a video item: ``format`` (mp4, webm, frames) or the output's
+    extension decides; the default is H.264 in MP4 next to the image outputs' names."""
+    fmt = spec.format
+    if fmt is not None and fmt not in VIDEO_FORMATS:
+        raise InvalidItem(f"format {fmt!r} is for images; a video's output is "
+                          + ", ".join(VIDEO_FORMATS))
+    if spec.output:
+        out = spec.output.rstrip("/")
+        ext = posixpath.splitext(out)[1].lower()
+        if spec.output.endswith("/") or not ext:
+            chosen: VideoFormat = fmt or "frames"  # type: ignore[assignment]
+            if chosen != "frames":
+                out = f"{out}.{chosen}"
+        else:
+            vspec = output_spec(out)  # invalid_item for an extension no muxer takes
+            if fmt is not None and fmt != vspec.format:
+                raise InvalidItem(f"output {spec.output!r} does not match format {fmt!r}")
+            if vspec.format == "frames":
+                raise InvalidItem(f"output {spec.output!r} has an extension; frames go to a "
+                                  "folder")
+            chosen = vspec.format
+        output = resolve(out, join(output_prefix, "x"))
+    else:
+        chosen = fmt or "mp4"  # type: ignore[assignment]
+        name = f"{_stem(content)}__{'+'.join(_stem(s) for s in styles)}"
+        output = join(output_prefix, name if chosen == "frames" else f"{name}.{chosen}")
+    return output, chosen
 
 
 def _key_folder(uri: str) -> str:
@@ -326,9 +374,27 @@ def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
         raise InvalidItem("content_mask and style_mask go together")
     if spec.content_mask is not None and len(styles) != 1:
         raise InvalidItem("masks work with exactly one style")
-    fmt: OutputFormat = spec.format or options.format
     content = resolve(spec.content, base)
     styles = [resolve(s, base) for s in styles]
+    if is_video_content(spec.content):
+        if spec.content.endswith("/") and not content.endswith("/"):
+            content += "/"  # a prefix of frames stays a prefix (resolving normalizes it)
+        output, vfmt = _video_output(spec, content, styles, output_prefix)
+        output = check_output(output, output_prefix)
+        for uri in (content, *styles):
+            parse(uri)
+        return Item(
+            line=line, id=spec.id, content=content, styles=styles,
+            style_weights=spec.style_weights, alpha_c=spec.alpha_c or 0.0,
+            mode=spec.mode or options.mode, max_size=spec.max_size or options.max_size,
+            content_mask=resolve(spec.content_mask, base) if spec.content_mask else None,
+            style_mask=resolve(spec.style_mask, base) if spec.style_mask else None,
+            output=output, format=vfmt, video=True)
+    if spec.format in VIDEO_FORMATS:
+        raise InvalidItem(f"format {spec.format!r} is for videos; {spec.content!r} is not "
+                          "a video (MP4, MOV, MKV, AVI, WebM, or a folder of frames ending "
+                          "in '/')")
+    fmt: OutputFormat = spec.format or options.format  # type: ignore[assignment]
     if spec.output:
         ext = posixpath.splitext(spec.output)[1].lower().lstrip(".")
         ext = "jpg" if ext == "jpeg" else ext

@@ -21,6 +21,8 @@ Status = Literal["succeeded", "skipped", "failed"]
 RANK: dict[str, int] = {"failed": 1, "skipped": 2, "succeeded": 3}
 REPORT_KEYS = ("line", "id", "content", "style", "output", "status", "error", "attempts",
                "seconds", "worker", "model")
+#: Keys a video item's line adds after :data:`REPORT_KEYS` (absent on image lines).
+VIDEO_KEYS = ("frames", "segments", "warping_error", "video_seconds")
 
 
 class ErrorInfo(BaseModel):
@@ -47,6 +49,13 @@ class ItemResult(BaseModel):
     worker: str | None = None
     model: str | None = None
     mode: str | None = None
+    #: Video items only: frames and segments of the output, the mean warping error between
+    #: consecutive output frames (None when no pair could be measured), and seconds per
+    #: stage summed over the segments (decode, model, warp, encode) plus the join.
+    frames: int | None = None
+    segments: int | None = None
+    warping_error: float | None = None
+    video_seconds: dict[str, float] | None = None
     finished_at: float = Field(default_factory=time.time)
 
     @classmethod
@@ -90,7 +99,10 @@ class ItemResult(BaseModel):
     def report_line(self) -> dict[str, Any]:
         """The report's dict, in the report's key order."""
         d = self.model_dump(mode="json")
-        return {k: d.get(k) for k in REPORT_KEYS}
+        line = {k: d.get(k) for k in REPORT_KEYS}
+        if self.frames is not None or self.segments is not None:
+            line.update({k: d.get(k) for k in VIDEO_KEYS})
+        return line
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ItemResult:

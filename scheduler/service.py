@@ -216,6 +216,11 @@ def _dedupe_outputs(jobs: JobStore, job: str, items: list[mf.Item],
 
 
 def _enqueue(ctx: Context, job: str, items: list[mf.Item]) -> None:
+    # a video item is a task of its own that plans its segments (worker/video.py)
+    for item in [i for i in items if i.video]:
+        ctx.send(TaskNames.VIDEO_PLAN.value, dict(job=job, item=item.model_dump()),
+                 f"job={job} line={item.line} (video)")
+    items = [i for i in items if not i.video]
     # items sharing a style travel together (and form batches on the device), so a worker
     # computes each style's statistics once; the report is in line order regardless
     items.sort(key=lambda i: (i.style_key, i.line))

@@ -337,6 +337,15 @@ def _dockerfile_lines() -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
+def test_dockerfile_installs_the_video_extra() -> None:
+    installs = [ln for ln in _dockerfile_lines() if ln.startswith("RUN pip install")
+                and "TORCH" not in ln]
+    assert installs, "the Dockerfile installs no capvst"
+    assert any(re.search(r"""pip install ["']?\.\[([a-z,]*,)?video(,[a-z]*)*\]""", ln)
+               for ln in installs), installs
+    assert any("import" in ln and " av" in ln and "cv2" in ln for ln in installs), installs
+
+
 def test_dockerfile_runs_capvst_as_a_non_root_user() -> None:
     lines = _dockerfile_lines()
     users = [ln.split(None, 1)[1].strip() for ln in lines if ln.upper().startswith("USER ")]
@@ -347,7 +356,8 @@ def test_dockerfile_runs_capvst_as_a_non_root_user() -> None:
     assert any(ln.upper().startswith("USER ") for ln in lines[last_from:]), \
         "USER must be set in the final stage"
     assert 'ENTRYPOINT ["capvst"]' in lines
-    assert any(re.search(r"pip install\b.*\s\.(\s|$)", ln) for ln in lines), "pip install ."
+    assert any(re.search(r"""pip install\b.*\s["']?\.(\[[a-z,]+\])?["']?(\s|$)""", ln)
+               for ln in lines), "pip install ."
     assert not any("[dev]" in ln or "pip install -e" in ln for ln in lines)
     assert any(ln.upper().startswith("LABEL ") for ln in lines)
 

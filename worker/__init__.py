@@ -5,5 +5,5 @@ worker flower`` monitors them. ``app`` is the Celery application, configured fro
 from capvst.broker import create_app
 from capvst.settings import Settings
 
-app = create_app(Settings(), include=("worker.tasks",))
+app = create_app(Settings(), include=("worker.tasks", "worker.video"))
 celery = app

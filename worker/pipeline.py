@@ -348,7 +348,8 @@ class ChunkRunner:
         t0 = time.monotonic()
 
         def once() -> bool:
-            data = images.encode(pixels, item.format)
+            # video items never come in chunks (they are planned into segments)
+            data = images.encode(pixels, item.format)  # type: ignore[arg-type]
             p.stages["encode"] = time.monotonic() - t0
             return self.ctx.storage.write(
                 item.output, data, create_only=True,

@@ -32,7 +32,8 @@ _NAMES = {
                "frame_name", "audio_action"),
     "warp": ("WarpStats", "WarpMeter", "pair_error", "warping_error"),
     "run": ("FrameStylizer", "ContentMask", "SegmentResult", "VideoResult", "stylize_segment",
-            "join_video", "stylize_video", "read_segment_result", "result_uri"),
+            "join_video", "stylize_video", "read_segment_result", "result_uri",
+            "open_content_mask"),
 }
 _WHERE = {name: mod for mod, names in _NAMES.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -340,13 +340,14 @@ class VideoResult:
 
 def join_video(source: VideoSource, results: Sequence[SegmentResult], spec: OutputSpec,
                store: Storage, output_uri: str, *, overwrite: bool = False,
-               workdir: str | None = None) -> VideoResult:
+               workdir: str | None = None,
+               metadata: dict[str, str] | None = None) -> VideoResult:
     """Join finished segments, in order, into the output and sum their figures.
 
     Checks that the segments cover every frame once. Video formats: packet copy of the
     segments plus the source's audio into ``output_uri`` (create-only unless ``overwrite``;
-    an output that already exists is kept and ``written`` is False). ``frames``: the PNGs
-    are already in place; their count is checked.
+    an output that already exists is kept and ``written`` is False; ``metadata`` tags the
+    object). ``frames``: the PNGs are already in place; their count is checked.
     """
     info = source.info
     ordered = sorted(results, key=lambda r: r.start)
@@ -391,7 +392,7 @@ def join_video(source: VideoSource, results: Sequence[SegmentResult], spec: Outp
             with open(out_path, "rb") as fh:
                 ctype = "video/webm" if spec.format == "webm" else "video/mp4"
                 written = store.write(output_uri, fh.read(), create_only=not overwrite,
-                                      content_type=ctype)
+                                      content_type=ctype, metadata=metadata)
     seconds: dict[str, float] = {}
     for r in ordered:
         for k, v in r.seconds.items():
@@ -425,7 +426,7 @@ def stylize_video(store: Storage, content_uri: str, output_uri: str, frames: Fra
         segments = plan_segments(source.info, segment_seconds)
         if on_start is not None:
             on_start(source.info.frames)
-        with _content_mask(store, content_mask_uri, limits, fps, max_mask_bytes) as mask:
+        with open_content_mask(store, content_mask_uri, limits, fps, max_mask_bytes) as mask:
             results = [
                 stylize_segment(source, seg, frames, spec, store,
                                 segment_uri=os.path.join(tmp, f"segment_{seg.index:05d}.mp4"),
@@ -437,9 +438,10 @@ def stylize_video(store: Storage, content_uri: str, output_uri: str, frames: Fra
 
 
 @contextmanager
-def _content_mask(store: Storage, uri: str | None, limits: VideoLimits, fps: float | None,
-                  max_bytes: int | None) -> Iterator[ContentMask | None]:
-    """The :class:`ContentMask` of ``uri``: an image, or a video or folder of masks."""
+def open_content_mask(store: Storage, uri: str | None, limits: VideoLimits, fps: float | None,
+                      max_bytes: int | None) -> Iterator[ContentMask | None]:
+    """The :class:`ContentMask` of ``uri`` (None without one): an image for every frame, or
+    a video or folder of masks, one per frame."""
     if uri is None:
         yield None
         return
