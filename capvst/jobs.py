@@ -367,7 +367,7 @@ class JobStore:
         changed, due = self._record(
             keys=[*self._keys(job, "st", "cx", "inbox", "deaths", "late"), ACTIVE],
             args=[time.time(), self.lease_seconds, cancel_token or "", int(push),
-                  *_result_args(results)])
+                  int(any(r.untrained for r in results)), *_result_args(results)])
         return int(changed), bool(due)
 
     def inbox_length(self, job: str) -> int:
@@ -589,3 +589,18 @@ class JobStore:
         """Every known job id, oldest first."""
         for j in self.r.zrange(JOBS_INDEX, 0, -1):  # type: ignore[union-attr]
             yield str(j)
+
+    def count_by_state(self, batch: int = 1000) -> dict[str, int]:
+        """How many jobs Redis knows in each state (expired ones left out)."""
+        out: dict[str, int] = {}
+        for start in range(0, 10_000_000, batch):
+            ids = self.r.zrange(JOBS_INDEX, start, start + batch - 1)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for j in ids:  # type: ignore[union-attr]
+                pipe.hget(self.key(str(j)), "state")
+            for state in pipe.execute():
+                if state:
+                    out[str(state)] = out.get(str(state), 0) + 1
+        return out

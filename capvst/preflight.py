@@ -19,21 +19,47 @@ from .errors import CheckpointError
 
 if TYPE_CHECKING:
     from .settings import Settings
+    from .types import Mode
 
 #: Seconds a checkpoint check may take (an S3 download of two 16 MB files, two loads).
 CHECK_TIMEOUT = 300.0
 
 
+def untrained_modes(settings: Settings) -> list[Mode]:
+    """Modes this worker serves that have no checkpoint configured."""
+    return [m for m in settings.modes if not (settings.checkpoint_for(m)[0] or "").strip()]
+
+
+def require_checkpoints(settings: Settings) -> list[Mode]:
+    """Fail closed: raise :class:`CheckpointError` naming the settings when a served mode has
+    no checkpoint, unless ``CAPVST_ALLOW_UNTRAINED`` is set; returns the modes that will run
+    the untrained network (empty unless allowed)."""
+    missing = untrained_modes(settings)
+    if missing and not settings.allow_untrained:
+        names = ", ".join(f"CAPVST_CHECKPOINT_{m.upper()}" for m in missing)
+        raise CheckpointError(
+            f"no checkpoint for {' and '.join(missing)} ({names} unset): a worker does not "
+            "serve an untrained network by accident. Set " + names + " to the authors' "
+            "checkpoint (README.md, \"Checkpoints\"), limit CAPVST_WORKER_MODES to the modes "
+            "you have, or set CAPVST_ALLOW_UNTRAINED=1 to serve the seeded untrained network "
+            "on purpose (its outputs are not stylizations; reports say untrained)")
+    return missing
+
+
 def check_models(settings: Settings) -> dict[str, str]:
-    """Load every mode this worker serves, on the CPU; ``{mode: model id}``. Raises
-    :class:`CheckpointError` (or another capvst error) when one cannot be used."""
-    from . import load_model
+    """Load every mode this worker serves that has a checkpoint, on the CPU; ``{mode: model
+    id}`` (``untrained`` for a mode without one). Raises :class:`CheckpointError` (or
+    another capvst error) when one cannot be used."""
+    from . import UNTRAINED, load_model
     from .storage import Storage
 
     store = Storage(settings, confine_local=False)  # checkpoints are the operator's files
     out: dict[str, str] = {}
     for mode in settings.modes:
         uri, pinned = settings.checkpoint_for(mode)
+        if not (uri or "").strip():
+            out[mode] = UNTRAINED  # nothing to prove: the seeded network always builds
+            continue
         out[mode] = load_model(mode, uri, expected_sha256=pinned, storage=store,
                                warn=False).model_id
     return out
