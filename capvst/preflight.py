@@ -36,11 +36,12 @@ def require_checkpoints(settings: Settings) -> list[Mode]:
     the untrained network (empty unless allowed)."""
     missing = untrained_modes(settings)
     if missing and not settings.allow_untrained:
-        names = ", ".join(f"CAPVST_CHECKPOINT_{m.upper()}" for m in missing)
+        names = " and ".join(f"CAPVST_CHECKPOINT_{m.upper()}" for m in missing)
+        which = "checkpoint" if len(missing) == 1 else "checkpoints"
         raise CheckpointError(
-            f"no checkpoint for {' and '.join(missing)} ({names} unset): a worker does not "
-            "serve an untrained network by accident. Set " + names + " to the authors' "
-            "checkpoint (README.md, \"Checkpoints\"), limit CAPVST_WORKER_MODES to the modes "
+            f"no checkpoint for {' and '.join(missing)} ({names} unset), and a worker does "
+            f"not serve an untrained network by accident: set {names} to the authors' "
+            f"{which} (README.md, \"Checkpoints\"), limit CAPVST_WORKER_MODES to the modes "
             "you have, or set CAPVST_ALLOW_UNTRAINED=1 to serve the seeded untrained network "
             "on purpose (its outputs are not stylizations; reports say untrained)")
     return missing

@@ -320,7 +320,7 @@ def render_index(storage: Storage, summary: dict[str, Any], rows: list[ItemResul
 {banner}
 <p id="counts">{s['items']} items: {s['succeeded']} succeeded, {s['skipped']} skipped,
 {s['failed']} failed &middot; state {esc(s['state'])} &middot;
-{s['throughput_items_per_second']} items/s &middot; {s['wall_seconds']} s</p>
+{s['throughput_items_per_second']} items/s over {s['wall_seconds']} s</p>
 {codes_table}
 <p>models (items): {models}<br>manifest {esc(str(s['manifest']))}<br>
 report <a href="report.jsonl">report.jsonl</a> &middot;
