@@ -60,7 +60,13 @@ def serve(port: int, collectors: Iterable[Any] = ()) -> str:
     # a folder inherited from elsewhere could hold another process tree's samples
     os.environ[ENV] = folder
     os.environ.pop(ENV.lower(), None)
-    atexit.register(shutil.rmtree, folder, True)
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # a forked pool process inherits this hook: not its folder
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(remove)
     from prometheus_client import CollectorRegistry, start_http_server, values
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -84,7 +90,7 @@ def serve(port: int, collectors: Iterable[Any] = ()) -> str:
     for c in collectors:
         registry.register(c)
     start_http_server(port, registry=registry)
-    log.info("Prometheus metrics on :%d/metrics", port)
+    log.debug("Prometheus metrics on :%d/metrics (pool processes' samples in %s)", port, folder)
     return folder
 
 

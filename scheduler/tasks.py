@@ -84,6 +84,14 @@ def _scheduler_init(sender: Any = None, **_: Any) -> None:
         SchedulerContext.metrics_on = True
 
 
+@celery_signals.worker_ready.connect
+def _scheduler_ready(sender: Any = None, **_: Any) -> None:
+    if SchedulerContext.metrics_on and sender is not None and sender.app is app:
+        # said here: Celery's logging is not set up yet when worker_init runs
+        log.info("Prometheus metrics on port %d at /metrics",
+                 app.conf.capvst_settings.metrics_port)
+
+
 def _count_jobs(s: Settings) -> dict[str, int]:
     """Jobs by state, over a connection of its own that is closed before returning (it runs
     in the parent's metrics thread, and the parent keeps no connection open)."""

@@ -93,6 +93,14 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         Process.metrics_on = True
 
 
+@celery_signals.worker_ready.connect
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    s = app.conf.capvst_settings
+    if Process.metrics_on and sender is not None and sender.app is app:
+        # said here: Celery's logging is not set up yet when worker_init runs
+        log.info("Prometheus metrics on port %d at /metrics", s.metrics_port)
+
+
 @celery_signals.worker_process_shutdown.connect
 def _process_shutdown(**_: Any) -> None:
     if Process.metrics_on:
