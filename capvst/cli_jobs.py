@@ -328,8 +328,10 @@ WORKER_SETTINGS = """\
 settings that matter (environment; every one is in README.md):
 """ + _COMMON_SETTINGS + """\
   CAPVST_CHECKPOINT_PHOTOREALISTIC, CAPVST_CHECKPOINT_ARTISTIC
-                          checkpoints (path, file:// or s3://); unset: an
-                          untrained network
+                          checkpoints (path, file:// or s3://); a worker
+                          without one for a mode it serves refuses to start
+  CAPVST_ALLOW_UNTRAINED  1: serve the seeded untrained network instead (a
+                          demo; reports say untrained)
   CAPVST_CHECKPOINT_PHOTOREALISTIC_SHA256, CAPVST_CHECKPOINT_ARTISTIC_SHA256
                           refuse a checkpoint whose sha256 differs
   CAPVST_WORKER_MODES     modes this worker loads (default both)
@@ -337,6 +339,7 @@ settings that matter (environment; every one is in README.md):
   CAPVST_TASK_TIME_LIMIT  hard limit of one task, seconds (default 1800)
   CAPVST_VISIBILITY_TIMEOUT  must exceed the time limit (default 3600)
   CAPVST_TORCH_THREADS    CPU threads per worker process
+  CAPVST_METRICS_PORT     Prometheus /metrics on this port (unset: off)
 """
 
 SCHEDULER_SETTINGS = """\
@@ -348,6 +351,7 @@ settings that matter (environment; every one is in README.md):
                           long (default 2000)
   CAPVST_JOB_TTL_DAYS     days a finished job stays in Redis (default 14)
   CAPVST_REPORT_ROWS      rows with thumbnails in index.html (default 100)
+  CAPVST_METRICS_PORT     Prometheus /metrics on this port (unset: off)
 """
 
 
