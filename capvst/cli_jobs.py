@@ -242,15 +242,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from scheduler.client import JobError
 
     try:
-        uri, failed = _client().report(args.job, args.output)
+        client = _client()
+        uri, failed = client.report(args.job, args.output)
         rows = list(failed)
+        untrained = client.used_untrained(args.job, args.output)
     except JobError as exc:
         return _fail_job(exc)
     rows.sort(key=lambda r: r["line"])
     if args.json:
-        print(json.dumps({"report": uri, "failed": rows}))
+        print(json.dumps({"report": uri, "untrained": untrained, "failed": rows}))
         return 0
     print(f"report: {uri}")
+    if untrained:
+        print("WARNING: " + UNTRAINED_NOTE)
     print(f"{len(rows)} failed items")
     for r in rows:
         err = r.get("error") or {}
@@ -441,7 +445,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("job", metavar="JOB", help=JOB_HELP)
     p.add_argument("--output", metavar="PREFIX", help="the job's output prefix, when Redis no "
                    "longer knows the job")
-    p.add_argument("--json", action="store_true", help=JSON_HELP + " ({report, failed})")
+    p.add_argument("--json", action="store_true", help=JSON_HELP + " ({report, untrained, "
+                   "failed})")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cancel", help="stop a job (queued items fail with 'cancelled')",

@@ -213,6 +213,19 @@ class Client:
                 "manifest_error": f.get("manifest_error"), "valid": c.valid,
                 "report": f.get("report"), "report_error": f.get("report_error")}
 
+    def used_untrained(self, job: str, output: str | None = None) -> bool:
+        """Whether the untrained network computed any item of the job (from Redis, else from
+        the job's ``summary.json``)."""
+        f = self.jobs.fields(job)
+        if f:
+            return f.get("untrained") == "1" or UNTRAINED in (_json_field(f.get("models"))
+                                                               or {})
+        try:
+            data = self._read(join(job_folder(self.record(job, output)), "summary.json"))
+            return bool(json.loads(data).get("untrained"))
+        except (CapvstError, ValueError):
+            return False
+
     def report(self, job: str, output: str | None = None) -> tuple[str, Iterator[dict[str, Any]]]:
         """The report's URI and the failed items (from the report once written, else from
         the results stored so far)."""

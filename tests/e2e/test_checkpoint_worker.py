@@ -106,6 +106,7 @@ def test_untrained_network_on_purpose(tmp_path, moto_server, s3, bucket):
         st = wait_job(c, job)
         assert st["succeeded"] == 2 and st["untrained"] is True
         assert "UNTRAINED" in c.capvst("status", job).stdout
+        assert "UNTRAINED" in c.capvst("report", job).stdout
         assert {r["model"] for r in report(s3, bucket, "out", job)} == {"untrained"}
         summary = json.loads(s3.get_object(Bucket=bucket, Key=f"out/_capvst/{job}/summary.json")
                              ["Body"].read())

@@ -44,7 +44,11 @@ def _run_job(redis_url: str, tmp_path: Path, model: str, n: int = 3):
             out(TaskNames.FINALIZE.value, {"job": p.job}, "")
     assert finish(ctx, out) == ["done"]
     folder = Path(job_folder(rec)[len("file://"):])
-    return client.status(rec.id), json.loads((folder / "summary.json").read_text()), \
+    st = client.status(rec.id)
+    assert client.used_untrained(rec.id) is (model == "untrained")  # capvst report
+    ctx.jobs.r.delete(ctx.jobs.key(rec.id))  # Redis forgot the job: summary.json still says
+    assert client.used_untrained(rec.id, rec.output) is (model == "untrained")
+    return st, json.loads((folder / "summary.json").read_text()), \
         (folder / "index.html").read_text()
 
 
