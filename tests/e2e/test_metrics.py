@@ -15,19 +15,34 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.reliability.helpers import put_inputs, put_manifest, report, simple_lines, submit
 from tests.reliability.helpers import wait_done as wait_job
 from tests.services import Cluster, free_port, wait_for
+from tests.test_deploy_files import METRICS
 
 pytestmark = pytest.mark.slow
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``/metrics`` on ``port``: (name, sorted labels) -> value."""
+def _text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         assert resp.status == 200
-        text = resp.read().decode()
+        return resp.read().decode()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``/metrics`` on ``port``: (name, sorted labels) -> value."""
     out = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_text(port)):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def kinds(*ports: int) -> dict[str, tuple[str, set[str]]]:
+    """What the endpoints serve, as tests/test_deploy_files.py's METRICS writes it."""
+    out: dict[str, tuple[str, set[str]]] = {}
+    for port in ports:
+        for f in text_string_to_metric_families(_text(port)):
+            name = f.name + "_total" if f.type == "counter" else f.name
+            labels = {k for s in f.samples for k in s.labels} - {"le"}
+            out[name] = (f.type, labels)
     return out
 
 
@@ -82,6 +97,8 @@ def test_worker_and_scheduler_metrics_match_the_report(tmp_path, moto_server, s3
         assert total(m, "capvst_style_cache_misses_total") == 3
         assert total(m, "capvst_device_memory_bytes") > 10_000_000
 
+        # exactly the names, kinds and labels the dashboard and KEDA rely on
+        assert kinds(wport, sport) == METRICS
         sm = scrape(sport)
         assert total(sm, "capvst_items_expanded_total") == 5
         assert total(sm, "capvst_jobs", state="done") == 1
