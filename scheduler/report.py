@@ -269,21 +269,20 @@ def render_index(storage: Storage, summary: dict[str, Any], rows: list[ItemResul
             return ""
         return f'<a class="{cls}" href="{esc(href)}">{esc(readable(href))}</a>'
 
-    def figure(uri: str | None, cls: str, extra: str = "", linked: bool = True) -> str:
+    def figure(uri: str | None, cls: str, extra: str = "") -> str:
         src = _thumb(storage, uri, cache)
         name = readable(link_for(uri, page) or "") if uri else ""
         img = (f'<img src="{src}" alt="{esc(name)}">' if src is not None
                else '<span class="na">no preview</span>')
-        caption = link(uri, cls) if linked else f'<span class="{cls}">{esc(name)}</span>'
-        return f'{img}<div class="caption">{caption}{extra}</div>'
+        return f'{img}<div class="caption">{link(uri, cls)}{extra}</div>'
 
     body = []
     for r in rows:
         styles = r.style if isinstance(r.style, list) else [r.style] if r.style else []
         weights = r.weights() if styles else []
         style_cells = "".join(
-            f'<div class="style">{figure(u, "style", f" <span class=weight>{w:.2f}</span>")}'
-            "</div>" for u, w in zip(styles, weights)) or '<span class="na">-</span>'
+            '<div class="style">' + figure(u, "style", f' <span class="weight">{w:.2f}</span>')
+            + "</div>" for u, w in zip(styles, weights)) or '<span class="na">-</span>'
         if r.status == "failed":
             result = (f'<span class="na">not written</span><div class="caption">'
                       f'<span class="output">{esc(readable(link_for(r.output, page) or ""))}'
