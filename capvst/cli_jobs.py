@@ -95,14 +95,23 @@ def submit_parser() -> argparse.ArgumentParser:
     return p
 
 
+UNTRAINED_NOTE = ("items were computed by the UNTRAINED network (a worker without a "
+                  "checkpoint, started with CAPVST_ALLOW_UNTRAINED=1): those outputs are not "
+                  "stylizations")
+
+
 def _print_summary(st: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(st), flush=True)
         return
     msg = (f"job {st['job']} {st['state']}: {st['succeeded']} succeeded, {st['skipped']} "
            f"skipped, {st['failed']} failed of {st['total']} items "
-           f"in {st['elapsed_seconds']:.1f} s")
+           f"in {st['elapsed_seconds']:.1f} s ({st['rate_per_second']:.2f} items/s)")
     info(msg)
+    if st.get("errors"):
+        info("failed by code: " + ", ".join(f"{k} {v}" for k, v in st["errors"].items()))
+    if st.get("untrained"):
+        info("WARNING: " + UNTRAINED_NOTE)
     if st.get("manifest_error"):
         info(f"manifest unusable: {st['manifest_error']}")
     if st.get("report_error"):
@@ -198,21 +207,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st))
         return 0
-    total = st["total"] if st["total"] is not None else f"{st['expanded']}+ (expanding)"
-    eta = f"{st['eta_seconds']:.0f} s" if st["eta_seconds"] is not None else "-"
-    print(f"job       {st['job']}\nstate     {st['state']}"
-          + (" (cancel requested)" if st["cancel_requested"] and st["state"] != "cancelled"
-             else "")
-          + f"\nitems     {total}\nsucceeded {st['succeeded']}\nskipped   {st['skipped']}\n"
-          f"failed    {st['failed']}\nqueued    {st['queued']}\n"
-          f"rate      {st['rate_per_second']:.2f} items/s\neta       {eta}")
-    if st.get("manifest_error"):
-        print(f"manifest  unusable: {st['manifest_error']}")
-    if st.get("report_error"):
-        print(f"report    not written: {st['report_error']}")
-    if st.get("report"):
-        print(f"report    {st['report']}")
+    print(format_status(st))
     return 0
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """``capvst status`` as text: counts, rate, and an ETA only once it means something."""
+    total = st["total"] if st["total"] is not None else f"{st['expanded']} so far (expanding)"
+    eta = f"{st['eta_seconds']:.0f} s" if st["eta_seconds"] is not None else "-"
+    cancel = " (cancel requested)" if st["cancel_requested"] and st["state"] != "cancelled" \
+        else ""
+    rows = [("job", st["job"]), ("state", f"{st['state']}{cancel}"), ("items", total),
+            ("succeeded", st["succeeded"]), ("skipped", st["skipped"]),
+            ("failed", st["failed"])]
+    if st.get("errors"):
+        rows.append(("by code", ", ".join(f"{k} {v}" for k, v in st["errors"].items())))
+    rows += [("queued", st["queued"]), ("rate", f"{st['rate_per_second']:.2f} items/s"),
+             ("eta", eta)]
+    if st.get("models"):
+        rows.append(("models", ", ".join(f"{k} ({v} items)" for k, v in st["models"].items())))
+    if st.get("untrained"):
+        rows.append(("WARNING", UNTRAINED_NOTE))
+    if st.get("manifest_error"):
+        rows.append(("manifest", f"unusable: {st['manifest_error']}"))
+    if st.get("report_error"):
+        rows.append(("report", f"not written: {st['report_error']}"))
+    if st.get("report"):
+        rows.append(("report", st["report"]))
+    return "\n".join(f"{k:<9} {v}" for k, v in rows)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -220,15 +242,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from scheduler.client import JobError
 
     try:
-        uri, failed = _client().report(args.job, args.output)
+        client = _client()
+        uri, failed = client.report(args.job, args.output)
         rows = list(failed)
+        untrained = client.used_untrained(args.job, args.output)
     except JobError as exc:
         return _fail_job(exc)
     rows.sort(key=lambda r: r["line"])
     if args.json:
-        print(json.dumps({"report": uri, "failed": rows}))
+        print(json.dumps({"report": uri, "untrained": untrained, "failed": rows}))
         return 0
     print(f"report: {uri}")
+    if untrained:
+        print("WARNING: " + UNTRAINED_NOTE)
     print(f"{len(rows)} failed items")
     for r in rows:
         err = r.get("error") or {}
@@ -306,8 +332,10 @@ WORKER_SETTINGS = """\
 settings that matter (environment; every one is in README.md):
 """ + _COMMON_SETTINGS + """\
   CAPVST_CHECKPOINT_PHOTOREALISTIC, CAPVST_CHECKPOINT_ARTISTIC
-                          checkpoints (path, file:// or s3://); unset: an
-                          untrained network
+                          checkpoints (path, file:// or s3://); a worker
+                          without one for a mode it serves refuses to start
+  CAPVST_ALLOW_UNTRAINED  1: serve the seeded untrained network instead (a
+                          demo; reports say untrained)
   CAPVST_CHECKPOINT_PHOTOREALISTIC_SHA256, CAPVST_CHECKPOINT_ARTISTIC_SHA256
                           refuse a checkpoint whose sha256 differs
   CAPVST_WORKER_MODES     modes this worker loads (default both)
@@ -315,6 +343,7 @@ settings that matter (environment; every one is in README.md):
   CAPVST_TASK_TIME_LIMIT  hard limit of one task, seconds (default 1800)
   CAPVST_VISIBILITY_TIMEOUT  must exceed the time limit (default 3600)
   CAPVST_TORCH_THREADS    CPU threads per worker process
+  CAPVST_METRICS_PORT     Prometheus /metrics on this port (unset: off)
 """
 
 SCHEDULER_SETTINGS = """\
@@ -326,6 +355,7 @@ settings that matter (environment; every one is in README.md):
                           long (default 2000)
   CAPVST_JOB_TTL_DAYS     days a finished job stays in Redis (default 14)
   CAPVST_REPORT_ROWS      rows with thumbnails in index.html (default 100)
+  CAPVST_METRICS_PORT     Prometheus /metrics on this port (unset: off)
 """
 
 
@@ -415,7 +445,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("job", metavar="JOB", help=JOB_HELP)
     p.add_argument("--output", metavar="PREFIX", help="the job's output prefix, when Redis no "
                    "longer knows the job")
-    p.add_argument("--json", action="store_true", help=JSON_HELP + " ({report, failed})")
+    p.add_argument("--json", action="store_true", help=JSON_HELP + " ({report, untrained, "
+                   "failed})")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cancel", help="stop a job (queued items fail with 'cancelled')",

@@ -368,6 +368,7 @@ class JobStore:
         changed, due = self._record(
             keys=[*self._keys(job, "st", "cx", "inbox", "deaths", "late"), ACTIVE],
             args=[time.time(), self.lease_seconds, cancel_token or "", int(push),
+                  int(any(r.untrained for r in results)),
                   *_result_args(results, records=push)])
         return int(changed), bool(due)
 
@@ -387,28 +388,28 @@ class JobStore:
         """Results that arrived after the report was written."""
         return list(self.r.lrange(self.key(job, "late"), 0, -1))  # type: ignore[arg-type]
 
-    def import_states(self, job: str, states: Iterable[tuple[int, str, str | None]],
+    def import_states(self, job: str, states: Iterable[tuple[int, str, str | None, bool]],
                       batch: int = 5000) -> int:
-        """Record ``(line, status, code)`` of results already in object storage (state only,
-        no copy kept in Redis); returns how many changed a line."""
+        """Record ``(line, status, code, untrained)`` of results already in object storage
+        (state only, no copy kept in Redis); returns how many changed a line."""
         n = 0
         token = self.cancel_token(job)
         args: list[Any] = []
-        count = 0
+        untrained = False
 
         def flush() -> int:
             changed, _due = self._record(
                 keys=[*self._keys(job, "st", "cx", "inbox", "deaths", "late"), ACTIVE],
-                args=[time.time(), self.lease_seconds, token or "", 0, *args])
+                args=[time.time(), self.lease_seconds, token or "", 0, int(untrained), *args])
             return max(0, int(changed))
 
-        for line, status, code in states:
+        for line, status, code, by_untrained in states:
             args += [line, RANK[status], int(status == "failed" and code == "cancelled"), ""]
-            count += 1
-            if count >= batch:
+            untrained = untrained or by_untrained
+            if len(args) >= 4 * batch:
                 n += flush()
-                args, count = [], 0
-        if count:
+                args, untrained = [], False
+        if args:
             n += flush()
         return n
 
@@ -599,3 +600,18 @@ class JobStore:
         """Every known job id, oldest first."""
         for j in self.r.zrange(JOBS_INDEX, 0, -1):  # type: ignore[union-attr]
             yield str(j)
+
+    def count_by_state(self, batch: int = 1000) -> dict[str, int]:
+        """How many jobs Redis knows in each state (expired ones left out)."""
+        out: dict[str, int] = {}
+        for start in range(0, 10_000_000, batch):
+            ids = self.r.zrange(JOBS_INDEX, start, start + batch - 1)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for j in ids:  # type: ignore[union-attr]
+                pipe.hget(self.key(str(j)), "state")
+            for state in pipe.execute():
+                if state:
+                    out[str(state)] = out.get(str(state), 0) + 1
+        return out

@@ -19,16 +19,39 @@ from .errors import CheckpointError
 
 if TYPE_CHECKING:
     from .settings import Settings
+    from .types import Mode
 
 #: Seconds a checkpoint check may take (an S3 download of two 16 MB files, two loads).
 CHECK_TIMEOUT = 300.0
 
 
+def untrained_modes(settings: Settings) -> list[Mode]:
+    """Modes this worker serves that have no checkpoint configured."""
+    return [m for m in settings.modes if not (settings.checkpoint_for(m)[0] or "").strip()]
+
+
+def require_checkpoints(settings: Settings) -> list[Mode]:
+    """Fail closed: raise :class:`CheckpointError` naming the settings when a served mode has
+    no checkpoint, unless ``CAPVST_ALLOW_UNTRAINED`` is set; returns the modes that will run
+    the untrained network (empty unless allowed)."""
+    missing = untrained_modes(settings)
+    if missing and not settings.allow_untrained:
+        names = " and ".join(f"CAPVST_CHECKPOINT_{m.upper()}" for m in missing)
+        which = "checkpoint" if len(missing) == 1 else "checkpoints"
+        raise CheckpointError(
+            f"no checkpoint for {' and '.join(missing)} ({names} unset), and a worker does "
+            f"not serve an untrained network by accident: set {names} to the authors' "
+            f"{which} (README.md, \"Checkpoints\"), limit CAPVST_WORKER_MODES to the modes "
+            "you have, or set CAPVST_ALLOW_UNTRAINED=1 to serve the seeded untrained network "
+            "on purpose (its outputs are not stylizations; reports say untrained)")
+    return missing
+
+
 def check_models(settings: Settings) -> dict[str, str]:
-    """Check the device and load every mode this worker serves, on the CPU;
-    ``{mode: model id}``. Raises
+    """Check the device and load every mode this worker serves that has a checkpoint, on
+    the CPU; ``{mode: model id}`` (``untrained`` for a mode without one). Raises
     :class:`CheckpointError` (or another capvst error) when one cannot be used."""
-    from . import load_model
+    from . import UNTRAINED, load_model
     from .storage import Storage
     from .stylize import resolve_device
 
@@ -37,6 +60,9 @@ def check_models(settings: Settings) -> dict[str, str]:
     out: dict[str, str] = {}
     for mode in settings.modes:
         uri, pinned = settings.checkpoint_for(mode)
+        if not (uri or "").strip():
+            out[mode] = UNTRAINED  # nothing to prove: the seeded network always builds
+            continue
         out[mode] = load_model(mode, uri, expected_sha256=pinned, storage=store,
                                warn=False).model_id
     return out

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import UNTRAINED
 from .manifest import Item, ItemError
 
 Status = Literal["succeeded", "skipped", "failed"]
@@ -56,6 +57,8 @@ class ItemResult(BaseModel):
     segments: int | None = None
     warping_error: float | None = None
     video_seconds: dict[str, float] | None = None
+    #: The mix's weights as the manifest gave them (None: equal); shown by index.html.
+    style_weights: list[float] | None = None
     finished_at: float = Field(default_factory=time.time)
 
     @classmethod
@@ -67,7 +70,7 @@ class ItemResult(BaseModel):
                    output=item.output, status=status,
                    error=ErrorInfo(code=code, message=message) if code else None,
                    attempts=attempts, seconds=round(seconds, 4), worker=worker, model=model,
-                   mode=item.mode)
+                   mode=item.mode, style_weights=item.style_weights)
 
     @classmethod
     def of_error(cls, err: ItemError | Item, code: str, message: str) -> ItemResult:
@@ -82,6 +85,20 @@ class ItemResult(BaseModel):
     def code(self) -> str | None:
         """The error code, if any."""
         return self.error.code if self.error else None
+
+    @property
+    def untrained(self) -> bool:
+        """Whether the seeded untrained network computed this result."""
+        return self.model == UNTRAINED
+
+    def weights(self) -> list[float]:
+        """The normalised weight of each style (equal when the manifest gave none)."""
+        styles = self.style if isinstance(self.style, list) else [self.style]
+        w = self.style_weights
+        if not w or len(w) != len(styles) or sum(w) <= 0:
+            return [1.0 / len(styles)] * len(styles)
+        total = float(sum(w))
+        return [x / total for x in w]
 
     @property
     def rank(self) -> int:
@@ -112,9 +129,26 @@ class ItemResult(BaseModel):
 
 
 def throughput(done: int, started: float | None, finished: float | None) -> float:
-    """Items per second between ``started`` and ``finished`` (or now): the one way every
-    place computes a job's rate."""
+    """Items per second between ``started`` and ``finished`` (or now), rounded to 4
+    decimals: the one way every place computes a job's rate (``capvst status``, the
+    progress line and ``summary.json`` show the same number for a finished job)."""
     if not done or started is None:
         return 0.0
     end = finished if finished is not None else time.time()
-    return done / max(end - started, 1e-3)
+    return round(done / max(end - started, 1e-3), 4)
+
+
+def job_started(started: float | str | None, created: float | str | None) -> float:
+    """When a job's rate clock starts: its first expansion step, else its creation."""
+    for v in (started, created):
+        if v not in (None, ""):
+            return float(v)  # type: ignore[arg-type]
+    return time.time()
+
+
+def eta_seconds(done: int, total: int | None, rate: float, final: bool) -> float | None:
+    """Seconds left, or None until it means something: the total known (expansion
+    finished), at least one item done, a positive rate and work left."""
+    if final or total is None or done <= 0 or rate <= 0 or done >= total:
+        return None
+    return round((total - done) / rate, 1)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     #: Optional integrity pins: the checkpoint's full sha256 must match.
     checkpoint_photorealistic_sha256: str | None = None
     checkpoint_artistic_sha256: str | None = None
+    #: A stylize worker refuses to start when a mode it serves has no checkpoint, unless this
+    #: is set: then it serves the seeded untrained network, and every report says so.
+    allow_untrained: bool = False
     device: str = "auto"
     allowed_buckets: str | None = None
     local_root: Path | None = None
@@ -65,6 +68,8 @@ class Settings(BaseSettings):
     report_rows: int = Field(100, ge=0)
     #: Intra-op threads per worker process; unset leaves PyTorch's default.
     torch_threads: int | None = Field(None, ge=1)
+    #: Prometheus ``/metrics`` of a worker or the scheduler on this TCP port (unset: none).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     # -- video items ---------------------------------------------------------------------
     #: Videos with more frames than this fail with ``too_large``.
     max_video_frames: int = Field(500_000, ge=1)

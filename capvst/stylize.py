@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -115,6 +116,19 @@ class Stylizer:
         """Whether statistics for ``key`` at ``max_size`` are cached."""
         with self._lock:
             return (key, max_size) in self._cache
+
+    def device_memory(self) -> int:
+        """Bytes held on this model's device: CUDA memory reserved by PyTorch's allocator,
+        or, on the CPU, this process's resident memory."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_reserved(self.device))
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
     # -- the whole pipeline ----------------------------------------------------------------
     def stylize(self, content: Image.Image, styles: Sequence[StyleSource], *,

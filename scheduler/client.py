@@ -21,12 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from capvst import UNTRAINED
 from capvst.broker import TaskNames, create_app, sender
 from capvst.errors import CapvstError, NotFound, TransientError
 from capvst.jobs import RANK, Counts, JobRecord, JobStore, ManifestPin, connect_settings
 from capvst.manifest import JobOptions, SubmitFormat
 from capvst.manifest_formats import InventoryCounts, inventory_to_jsonl, sniff_format
-from capvst.results import ItemResult, throughput
+from capvst.results import ItemResult, eta_seconds, job_started, throughput
 from capvst.retry import with_retries
 from capvst.settings import Settings
 from capvst.storage import Storage, join, parse
@@ -189,23 +190,41 @@ class Client:
         return c
 
     def status(self, job: str) -> dict[str, Any]:
-        """Counts, rate and ETA as a dict."""
+        """Counts, rate and ETA as a dict (the rate as ``summary.json`` computes it)."""
         c = self.counts(job)
         f = self.jobs.fields(job)
-        now = c.finished or time.time()
-        elapsed = max(1e-9, now - (c.started or c.created))
-        rate = throughput(c.done, c.started or c.created, c.finished)
+        final = c.state in ("done", "cancelled")
+        started = job_started(c.started, c.created)
+        now = c.finished if final and c.finished else time.time()
+        rate = throughput(c.done, started, c.finished if final else None)
         total = c.total if c.total is not None else c.expanded_items
-        eta = (total - c.done) / rate if rate > 0 and c.state not in ("done", "cancelled") \
-            else None
-        return {"job": job, "state": "cancelled" if c.state == "cancelled" else c.state,
+        models = _json_field(f.get("models")) or {}
+        # set by the first result of the untrained network, then by the report
+        untrained = f.get("untrained") == "1" or UNTRAINED in models
+        return {"job": job, "state": c.state,
                 "total": c.total, "expanded": c.expanded_items, "succeeded": c.succeeded,
                 "skipped": c.skipped, "failed": c.failed, "done": c.done,
                 "queued": max(0, total - c.done), "cancel_requested": c.cancelled,
-                "rate_per_second": round(rate, 3), "eta_seconds": None if eta is None
-                else round(eta, 1), "elapsed_seconds": round(elapsed, 1),
+                "rate_per_second": rate,
+                "eta_seconds": eta_seconds(c.done, c.total, rate, final),
+                "elapsed_seconds": round(max(0.0, now - started), 1),
+                "untrained": untrained, "models": models,
+                "errors": _json_field(f.get("summary_errors")),
                 "manifest_error": f.get("manifest_error"), "valid": c.valid,
                 "report": f.get("report"), "report_error": f.get("report_error")}
+
+    def used_untrained(self, job: str, output: str | None = None) -> bool:
+        """Whether the untrained network computed any item of the job (from Redis, else from
+        the job's ``summary.json``)."""
+        f = self.jobs.fields(job)
+        if f:
+            return f.get("untrained") == "1" or UNTRAINED in (_json_field(f.get("models"))
+                                                               or {})
+        try:
+            data = self._read(join(job_folder(self.record(job, output)), "summary.json"))
+            return bool(json.loads(data).get("untrained"))
+        except (CapvstError, ValueError):
+            return False
 
     def report(self, job: str, output: str | None = None) -> tuple[str, Iterator[dict[str, Any]]]:
         """The report's URI and the failed items (from the report once written, else from
@@ -298,14 +317,14 @@ class Client:
     def _rebuild(self, rec: JobRecord) -> int:
         """Per-line state from the stored results, cancellations excepted (only each line's
         number, status and code are read: a million results in seconds)."""
-        def usable() -> Iterator[tuple[int, str, str | None]]:
+        def usable() -> Iterator[tuple[int, str, str | None, bool]]:
             for d in self._stored_raw(rec):
                 line, status, error = d.get("line"), d.get("status"), d.get("error")
                 code = error.get("code") if isinstance(error, dict) else None
                 if (not isinstance(line, int) or line < 1 or status not in RANK
                         or (status == "failed" and code == "cancelled")):
                     continue
-                yield line, status, code
+                yield line, status, code, d.get("model") == UNTRAINED
 
         return self.jobs.import_states(rec.id, usable())
 
@@ -367,22 +386,42 @@ class Client:
                 final = st["state"] in ("done", "cancelled")
                 now = time.monotonic()
                 if progress == "lines" and (final or now - last_line >= line_every):
-                    total = st["total"] if st["total"] is not None else f"{st['expanded']}+"
-                    print(f"{job} {st['state']}: {st['done']}/{total} done, {detail}",
-                          file=sys.stderr, flush=True)
+                    print(progress_line(st), file=sys.stderr, flush=True)
                     last_line = now
                 if final:
                     return st
                 time.sleep(poll)
 
 
+def _json_field(raw: str | None) -> Any:
+    """A JSON value kept in the job hash (a finished job's summary), or None."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 def _progress_detail(st: dict[str, Any]) -> str:
-    eta = f" ETA {st['eta_seconds']:.0f}s" if st["eta_seconds"] is not None else ""
-    detail = (f"{st['failed']} failed, {st['skipped']} skipped, "
-              f"{st['rate_per_second']:.2f}/s{eta}")
+    """Failures, rate and (once it means something) ETA; the untrained network named."""
+    parts = [f"{st['failed']} failed", f"{st['skipped']} skipped"]
+    if st["done"]:
+        parts.append(f"{st['rate_per_second']:.2f} items/s")
+    if st["eta_seconds"] is not None:
+        parts.append(f"ETA {st['eta_seconds']:.0f} s")
     if st["total"] is None:
-        detail += f" (expanding: {st['expanded']} items so far)"
-    return detail
+        parts.append(f"expanding the manifest: {st['expanded']} items so far")
+    if st.get("untrained"):
+        parts.append("UNTRAINED model")
+    return ", ".join(parts)
+
+
+def progress_line(st: dict[str, Any]) -> str:
+    """One plain progress line: ``done/total`` once the total is known, else ``done`` alone
+    (a count of items found so far is no denominator)."""
+    done = f"{st['done']}/{st['total']}" if st["total"] is not None else f"{st['done']}"
+    return f"{st['job']} {st['state']}: {done} done ({_progress_detail(st)})"
 
 
 def exit_code_for(st: dict[str, Any]) -> int:
@@ -392,5 +431,5 @@ def exit_code_for(st: dict[str, Any]) -> int:
     return 3 if st.get("failed") else 0
 
 
-__all__ = ["Client", "JobError", "exit_code_for", "new_job_id"]
+__all__ = ["Client", "JobError", "exit_code_for", "new_job_id", "progress_line"]
 

@@ -22,9 +22,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, unquote
 
+from capvst import UNTRAINED
 from capvst.errors import CapvstError
 from capvst.jobs import JobRecord
-from capvst.results import REPORT_KEYS, ItemResult, throughput
+from capvst.results import REPORT_KEYS, ItemResult, job_started, throughput
 from capvst.storage import Storage, join
 
 THUMB = 128
@@ -103,7 +104,6 @@ class Tally:
         self.workers: Counter[str] = Counter()
         self.models: Counter[str] = Counter()
         self.seconds = 0.0
-        self.first_start: float | None = None
         self.failed_rows: list[ItemResult] = []
         self.other_rows: list[ItemResult] = []
 
@@ -117,10 +117,6 @@ class Tally:
         if r.model:
             self.models[r.model] += 1
         self.seconds += float(r.seconds or 0.0)
-        if r.worker:
-            start = r.finished_at - float(r.seconds or 0.0)
-            self.first_start = start if self.first_start is None else min(self.first_start,
-                                                                          start)
         bucket = self.failed_rows if r.status == "failed" else self.other_rows
         if len(bucket) < self.rows:
             bucket.append(r)
@@ -158,11 +154,13 @@ def write_report(storage: Storage, rec: JobRecord, fields: dict[str, str],
 
 
 def summarize(rec: JobRecord, fields: dict[str, str], tally: Tally) -> dict[str, Any]:
-    """``summary.json``: counts, error codes, timings and throughput."""
+    """``summary.json``: counts, error codes, timings and throughput (the rate as ``capvst
+    status`` computes it: :func:`capvst.results.throughput` from the same start)."""
     created = float(fields.get("created") or rec.created)
-    started = float(fields.get("started") or tally.first_start or created)
+    started = job_started(fields.get("started"), created)
     finished = time.time()
     done = tally.total
+    untrained = tally.models.get(UNTRAINED, 0)
     return {
         "job": rec.id, "manifest": rec.manifest, "output": rec.output,
         "state": "cancelled" if fields.get("cancelled") else "done",
@@ -173,8 +171,11 @@ def summarize(rec: JobRecord, fields: dict[str, str], tally: Tally) -> dict[str,
         "created": created, "started": started, "finished": finished,
         "wall_seconds": round(finished - started, 3),
         "item_seconds_total": round(tally.seconds, 3),
-        "throughput_items_per_second": round(throughput(done, started, finished), 4),
+        "throughput_items_per_second": throughput(done, started, finished),
         "workers": dict(tally.workers), "models": dict(tally.models),
+        # the seeded untrained network computed some items: their outputs are not
+        # stylizations (a worker started with CAPVST_ALLOW_UNTRAINED=1)
+        "untrained": bool(untrained), "untrained_items": untrained,
         "report": report_uri(rec), "options": rec.options.model_dump(),
     }
 
@@ -205,65 +206,132 @@ def _thumb(storage: Storage, uri: str | None, cache: dict[str, str | None]) -> s
     return data_uri
 
 
+def _quote(path: str) -> str:
+    """Percent-encode a path; odd characters (lone surrogates from undecodable names) never
+    make it fail."""
+    try:
+        return quote(path, errors="surrogateescape")
+    except UnicodeEncodeError:
+        return quote(path, errors="surrogatepass")
+
+
 def link_for(uri: str | None, page: str) -> str | None:
     """A link to ``uri`` from the report page: relative when both are in one place."""
     if not uri:
         return None
     folder = page.rsplit("/", 1)[0]
     if uri.startswith("file://") and page.startswith("file://"):
-        return quote(os.path.relpath(unquote(uri[len("file://"):]),
-                                     unquote(folder[len("file://"):])))
+        return _quote(os.path.relpath(unquote(uri[len("file://"):]),
+                                      unquote(folder[len("file://"):])))
     if uri.startswith("s3://") and page.startswith("s3://"):
         ub, _, ukey = uri[5:].partition("/")
         pb, _, pkey = folder[5:].partition("/")
         if ub == pb:
-            return quote(os.path.relpath(ukey, pkey or "."))
+            return _quote(os.path.relpath(ukey, pkey or "."))
     return uri
 
 
+def readable(href: str) -> str:
+    """What a link shows: the target as a person reads it (no percent escapes)."""
+    return href if href.startswith("s3://") else unquote(href)
+
+
+_PAGE_CSS_TEMPLATE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:middle;text-align:center}
+td.name,td.msg{text-align:left}
+tr.failed{background:#fde8e8} tr.skipped{background:#f3f3f3} .na{color:#999}
+img{max-width:{t}px;max-height:{t}px;display:block;margin:auto}
+.style{display:inline-block;margin:2px 4px;vertical-align:top}
+.caption{font-size:85%;word-break:break-all;max-width:{c}px;margin:auto}
+.weight{font-weight:bold}
+.banner{background:#b00020;color:#fff;padding:.8em 1em;font-weight:bold;margin:1em 0}
+td.model.untrained{background:#b00020;color:#fff;font-weight:bold}
+table.codes td{text-align:left}
+"""
+_PAGE_CSS = _PAGE_CSS_TEMPLATE.replace("{t}", str(THUMB)).replace("{c}", str(THUMB + 32))
+
+
 def render_index(storage: Storage, summary: dict[str, Any], rows: list[ItemResult]) -> str:
-    """A self-contained page: counts, then content | style | result thumbnails, failures
-    first. Thumbnails are embedded so the page works wherever it is opened."""
+    """A self-contained page: counts and failures per error code at the top, then one row per
+    item (failures first) with content, every style and its weight, the result as a link,
+    model, mode, seconds and the outcome. Thumbnails are embedded so the page works wherever
+    it is opened; links are relative to the page where they can be."""
     cache: dict[str, str | None] = {}
     esc = html.escape
+    s = summary
+    page = str(s["report"]).rsplit("/", 1)[0] + "/index.html"
 
-    def cell(uri: str | None) -> str:
+    def link(uri: str | None, cls: str) -> str:
+        href = link_for(uri, page)
+        if not href:
+            return ""
+        return f'<a class="{cls}" href="{esc(href)}">{esc(readable(href))}</a>'
+
+    def figure(uri: str | None, cls: str, extra: str = "") -> str:
         src = _thumb(storage, uri, cache)
-        label = esc(uri or "")
-        if src is None:
-            return f'<td class="na" title="{label}">unavailable</td>'
-        return f'<td><img src="{src}" alt="{label}" title="{label}"></td>'
+        name = readable(link_for(uri, page) or "") if uri else ""
+        img = (f'<img src="{src}" alt="{esc(name)}">' if src is not None
+               else '<span class="na">no preview</span>')
+        return f'{img}<div class="caption">{link(uri, cls)}{extra}</div>'
 
     body = []
     for r in rows:
-        styles = r.style if isinstance(r.style, list) else [r.style]
+        styles = r.style if isinstance(r.style, list) else [r.style] if r.style else []
+        weights = r.weights() if styles else []
+        style_cells = "".join(
+            '<div class="style">' + figure(u, "style", f' <span class="weight">{w:.2f}</span>')
+            + "</div>" for u, w in zip(styles, weights)) or '<span class="na">-</span>'
+        if r.status == "failed":
+            result = (f'<span class="na">not written</span><div class="caption">'
+                      f'<span class="output">{esc(readable(link_for(r.output, page) or ""))}'
+                      "</span></div>" if r.output else '<span class="na">-</span>')
+        else:
+            result = figure(r.output, "output")
         err = r.error
-        note = (f"<b>{esc(err.code)}</b> {esc(err.message)}" if err else esc(r.status))
+        outcome = (f'<b class="code">{esc(err.code)}</b> {esc(err.message)}' if err
+                   else esc(r.status))
+        model_cls = "model untrained" if r.untrained else "model"
         body.append(
-            f'<tr class="{esc(r.status)}"><td>{r.line}</td>'
-            f'{cell(r.content)}{cell(styles[0] if styles else None)}'
-            f'{cell(r.output if r.status != "failed" else None)}<td>{note}</td></tr>')
-    s = summary
+            f'<tr class="item {esc(r.status)}" data-line="{r.line}"><td>{r.line}</td>'
+            f'<td class="content">{figure(r.content, "content") if r.content else "-"}</td>'
+            f'<td class="styles">{style_cells}</td><td class="result">{result}</td>'
+            f'<td class="{model_cls}">{esc(r.model or "-")}</td>'
+            f'<td class="mode">{esc(r.mode or "-")}</td>'
+            f'<td class="seconds">{float(r.seconds or 0):.2f}</td>'
+            f'<td class="msg status">{outcome}</td></tr>')
+    banner = ""
+    if s.get("untrained"):
+        banner = (f'<div class="banner" id="untrained">UNTRAINED model: '
+                  f'{s.get("untrained_items", 0)} of {s["items"]} items were computed by the '
+                  "seeded untrained network (a worker without a checkpoint, started with "
+                  "CAPVST_ALLOW_UNTRAINED=1). Their outputs are not stylizations.</div>")
+    codes = "".join(f'<tr><td class="code">{esc(k)}</td><td class="n">{v}</td></tr>'
+                    for k, v in sorted(s.get("errors", {}).items(), key=lambda kv: -kv[1]))
+    codes_table = (f'<table class="codes" id="codes"><tr><th>failed with</th><th>items</th>'
+                   f"</tr>{codes}</table>" if codes else "")
+    models = ", ".join(f"{esc(k)} ({v})" for k, v in (s.get("models") or {}).items()) or "-"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>capvst job {esc(s['job'])}</title>
-<style>
-body{{font-family:system-ui,sans-serif;margin:1.5em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px;vertical-align:middle;text-align:center}}
-tr.failed{{background:#fde8e8}} tr.skipped{{background:#f3f3f3}} td.na{{color:#999}}
-img{{max-width:{THUMB}px;max-height:{THUMB}px}}
-</style></head><body>
+<style>{_PAGE_CSS}</style></head><body>
 <h1>capvst job {esc(s['job'])}</h1>
-<p>{s['items']} items: {s['succeeded']} succeeded, {s['skipped']} skipped,
+{banner}
+<p id="counts">{s['items']} items: {s['succeeded']} succeeded, {s['skipped']} skipped,
 {s['failed']} failed &middot; state {esc(s['state'])} &middot;
-{s['throughput_items_per_second']} items/s</p>
-<p>manifest {esc(str(s['manifest']))}<br>report <code>{esc(str(s['report']))}</code></p>
-<p>Showing {len(rows)} rows, failures first.</p>
-<table><tr><th>line</th><th>content</th><th>style</th><th>result</th><th>status</th></tr>
+{s['throughput_items_per_second']} items/s over {s['wall_seconds']} s</p>
+{codes_table}
+<p>models (items): {models}<br>manifest {esc(str(s['manifest']))}<br>
+report <a href="report.jsonl">report.jsonl</a> &middot;
+<a href="summary.json">summary.json</a></p>
+<p id="shown">Showing {len(rows)} of {s['items']} rows, failures first.</p>
+<table class="items"><tr><th>line</th><th>content</th><th>style (weight)</th><th>result</th>
+<th>model</th><th>mode</th><th>seconds</th><th>status</th></tr>
 {''.join(body)}
 </table></body></html>
 """
 
 
-__all__ = ["REPORT_KEYS", "Tally", "iter_stored_results", "job_folder", "link_for",
+__all__ = ["REPORT_KEYS", "Tally", "iter_stored_results", "job_folder", "link_for", "readable",
            "merge_in_line_order", "render_index", "report_uri", "results_folder",
            "summarize", "write_report"]

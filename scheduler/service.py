@@ -16,13 +16,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from capvst import manifest as mf
 from capvst.broker import Sender, TaskNames
 from capvst.errors import CapvstError, DuplicateOutput, PermanentError, TransientError
 from capvst.jobs import JobRecord, JobStore
+from capvst.metrics import SchedulerMetrics
 from capvst.results import ItemResult
 from capvst.retry import with_retries
 from capvst.settings import Settings
@@ -48,6 +49,7 @@ class Context:
     jobs: JobStore
     send: Sender
     queue_length: Callable[[], int]
+    metrics: SchedulerMetrics = field(default_factory=lambda: SchedulerMetrics(False))
 
 
 def _argsrepr(job: str, items: list[mf.Item]) -> str:
@@ -137,6 +139,7 @@ def _expand(ctx: Context, job: str, epoch: int, offset: int, line: int
                        failures)
     if due < 0:
         return "stale", None
+    ctx.metrics.expanded(n_items)  # committed (a stale step changed nothing)
     if due:
         return ("done" if eof else "next"), "finalize"
     if not eof:
@@ -306,7 +309,8 @@ def _finalize_once(ctx: Context, job: str) -> str:
             "n_succeeded": summary["succeeded"], "n_failed": summary["failed"],
             "n_skipped": summary["skipped"], "total": summary["items"],
             "expanded_items": summary["items"], "started": summary["started"],
-            "summary_errors": summary["errors"], "models": summary["models"]}
+            "summary_errors": summary["errors"], "models": summary["models"],
+            "untrained": int(summary["untrained"])}
     if late:
         _store_late(ctx, rec, late)
     if not jobs.finish(job, keep, late_consumed=len(late)):

@@ -17,6 +17,7 @@ from typing import Any
 from celery import Task
 from celery import signals as celery_signals
 
+from capvst import metrics
 from capvst.broker import (
     GUARDED_STRATEGY,
     ExpandPayload,
@@ -27,6 +28,7 @@ from capvst.broker import (
 )
 from capvst.heartbeat import Heartbeat
 from capvst.jobs import JobStore, connect_settings
+from capvst.metrics import SchedulerMetrics
 from capvst.settings import Settings
 from capvst.storage import Storage
 
@@ -42,6 +44,7 @@ class SchedulerContext:
 
     current: Context | None = None
     reconciler: Reconciler | None = None
+    metrics_on = False  # decided in the parent (CAPVST_METRICS_PORT), inherited by the fork
 
     @classmethod
     def get(cls) -> Context:
@@ -55,7 +58,8 @@ def build_context(s: Settings) -> Context:
     """Storage, job store and publisher for one scheduler process."""
     jobs = JobStore(connect_settings(s), int(s.job_ttl_days * 86400), s.lease_seconds)
     return Context(s, Storage(s), jobs, sender(app),
-                   lambda: int(jobs.r.llen(Queues.STYLIZE.value)))  # type: ignore[arg-type]
+                   lambda: int(jobs.r.llen(Queues.STYLIZE.value)),  # type: ignore[arg-type]
+                   SchedulerMetrics(SchedulerContext.metrics_on))
 
 
 @contextmanager
@@ -70,9 +74,38 @@ def _scheduler_init(sender: Any = None, **_: Any) -> None:
         return
     from capvst.jobs import redis_url_has_password
 
-    if not redis_url_has_password(app.conf.capvst_settings.broker_url):
+    s = app.conf.capvst_settings
+    if not redis_url_has_password(s.broker_url):
         log.warning("CAPVST_BROKER_URL has no password: anyone who can reach this Redis can "
                     "read and change every job (docs/SECURITY.md)")
+    if s.metrics_port:
+        # before the fork: the pool processes write to the folder this sets up
+        metrics.serve(s.metrics_port, [metrics.JobsCollector(lambda: _count_jobs(s))])
+        SchedulerContext.metrics_on = True
+
+
+@celery_signals.worker_ready.connect
+def _scheduler_ready(sender: Any = None, **_: Any) -> None:
+    if SchedulerContext.metrics_on and sender is not None and sender.app is app:
+        # said here: Celery's logging is not set up yet when worker_init runs
+        log.info("Prometheus metrics on port %d at /metrics",
+                 app.conf.capvst_settings.metrics_port)
+
+
+def _count_jobs(s: Settings) -> dict[str, int]:
+    """Jobs by state, over a connection of its own that is closed before returning (it runs
+    in the parent's metrics thread, and the parent keeps no connection open)."""
+    client = connect_settings(s, retry_seconds=2)
+    try:
+        return JobStore(client).count_by_state()
+    finally:
+        client.close()
+
+
+@celery_signals.worker_process_shutdown.connect
+def _process_shutdown(**_: Any) -> None:
+    if SchedulerContext.metrics_on:
+        metrics.process_exited()
 
 
 @celery_signals.worker_process_init.connect

@@ -26,6 +26,10 @@ pids+=($!)
 export CAPVST_BROKER_URL="redis://:$password@127.0.0.1:$port/0"
 export CAPVST_LOCAL_ROOT="$demo"   # workers may read and write only inside this folder
 export CAPVST_DEVICE="${CAPVST_DEVICE:-auto}"
+# With CAPVST_CHECKPOINT_PHOTOREALISTIC / _ARTISTIC exported, the worker serves them. Without,
+# this demo runs the seeded untrained network on purpose (a real worker refuses to start
+# without checkpoints); the summary, the status and index.html then say "untrained".
+export CAPVST_ALLOW_UNTRAINED="${CAPVST_ALLOW_UNTRAINED:-1}"
 
 capvst examples "$demo/inputs" >/dev/null
 capvst scheduler --logfile "$demo/logs/scheduler.log" >/dev/null 2>&1 &

@@ -12,6 +12,18 @@ if ! command -v redis-server >/dev/null; then
     exit 1
   fi
 fi
+# index.html is checked in headless Chromium (tests/scheduler/test_index_html.py skips
+# without it unless CAPVST_REQUIRE_CHROMIUM=1, as in CI)
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium for the index.html test" >&2
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+      || echo "chromium did not install" >&2
+  else
+    echo "chromium is missing: the index.html test is skipped (Debian: apt-get install chromium)" >&2
+  fi
+fi
 . .venv/bin/activate
 ruff check .
 mypy

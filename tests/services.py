@@ -309,9 +309,10 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def scheduler(self, name: str = "scheduler") -> Proc:
+    def scheduler(self, name: str = "scheduler", extra_env: dict[str, str] | None = None
+                  ) -> Proc:
         return self._start(name, [sys.executable, "-m", "capvst", "scheduler", "-n",
-                                  f"{name}@%h", "--loglevel", "INFO"], None)
+                                  f"{name}@%h", "--loglevel", "INFO"], extra_env)
 
     def worker(self, name: str = "w1", extra_env: dict[str, str] | None = None,
                extra_args: list[str] | None = None) -> Proc:

@@ -48,8 +48,6 @@ LABEL_VALUES = {"status": {"succeeded", "failed", "skipped"},
                 "state": {"queued", "running", "done", "cancelled"}}
 # Labels Prometheus or the scrape configuration adds to every series.
 TARGET_LABELS = {"instance", "job", "pod", "namespace", "component"}
-# Read by the metrics endpoint of the worker and the scheduler rather than by Settings.
-METRICS_SETTINGS = {"CAPVST_METRICS_PORT"}
 STYLIZE_QUEUE = "capvst.stylize"  # capvst.broker.Queues.STYLIZE (importing celery is slow)
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|BASIC_AUTH|CREDENTIAL|PRIVATE_KEY",
@@ -577,7 +575,7 @@ def test_k8s_config_is_valid_settings(k8s: dict[str, list[dict[str, Any]]]) -> N
                          [K8S / f for f in K8S_FILES], ids=lambda p: p.name)
 def test_capvst_variables_are_real_settings(path: Path) -> None:
     fields = set(Settings.model_fields)
-    names = set(CAPVST_VAR.findall(path.read_text())) - METRICS_SETTINGS
+    names = set(CAPVST_VAR.findall(path.read_text()))
     unknown = sorted(n for n in names if n[len("CAPVST_"):].lower() not in fields)
     assert not unknown, f"{path.name} names variables capvst does not read: {unknown}"
 

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from capvst.broker import Sender
 from capvst.errors import ModelError
 from capvst.jobs import JobStore, connect_settings
+from capvst.metrics import WorkerMetrics
 from capvst.settings import Settings
 from capvst.storage import Storage
 from capvst.types import Mode
@@ -39,7 +41,9 @@ class WorkerContext:
     stylizers: dict[Mode, Stylizer] = field(default_factory=dict)
     fetch_pool: ThreadPoolExecutor | None = None
     encode_pool: ThreadPoolExecutor | None = None
+    metrics: WorkerMetrics = field(default_factory=lambda: WorkerMetrics(False))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cache_seen: dict[Mode, tuple[int, int]] = field(default_factory=dict)
 
     def stylizer(self, mode: Mode) -> Stylizer:
         """The model of ``mode`` on this process's device."""
@@ -58,15 +62,29 @@ class WorkerContext:
                                                 s.style_cache_size)
             return self.stylizers[mode]
 
+    def after_model(self, mode: Mode) -> None:
+        """Metrics after an item left the device: style cache use, device memory."""
+        if not self.metrics.enabled or mode not in self.stylizers:
+            return
+        st = self.stylizers[mode]
+        hits, misses = st.cache_hits, st.cache_misses
+        old_hits, old_misses = self._cache_seen.get(mode, (0, 0))
+        self._cache_seen[mode] = (hits, misses)
+        self.metrics.style_cache(hits - old_hits, misses - old_misses)
+        self.metrics.device_memory(st.device_memory())
+
     def model_id(self, mode: Mode) -> str | None:
         """The id of the model serving ``mode`` (None when the mode is not served)."""
         m = self.models.get(mode)
         return m.model_id if m is not None else None
 
 
-def build_context(settings: Settings, send: Sender) -> WorkerContext:
-    """Load the models, move them to the device, start the pools: one call per process."""
+def build_context(settings: Settings, send: Sender, metrics: bool = False) -> WorkerContext:
+    """Load the models, move them to the device, start the pools: one call per process.
+    ``metrics``: record Prometheus metrics (the parent serves them)."""
     from capvst import load_model
+
+    started = time.monotonic()
 
     if settings.torch_threads:
         import torch
@@ -83,8 +101,12 @@ def build_context(settings: Settings, send: Sender) -> WorkerContext:
                         fetch_pool=ThreadPoolExecutor(settings.fetch_threads,
                                                       thread_name_prefix="fetch"),
                         encode_pool=ThreadPoolExecutor(settings.encode_threads,
-                                                       thread_name_prefix="encode"))
+                                                       thread_name_prefix="encode"),
+                        metrics=WorkerMetrics(metrics))
     for mode in models:
         st = ctx.stylizer(mode)
         log.info("%s model %s ready on %s", mode, st.model_id, st.device)
+    ctx.metrics.model_load(time.monotonic() - started)
+    for mode in models:
+        ctx.after_model(mode)
     return ctx

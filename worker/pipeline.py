@@ -58,7 +58,16 @@ class Prepared:
     keys: list[str | None] = field(default_factory=list)
     masks: tuple[bytes | None, bytes | None] = (None, None)
     result: ItemResult | None = None
+    #: Seconds per stage (capvst.metrics.STAGES), summed over retries.
     stages: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, stage: str, fn: Any) -> Any:
+        """Run ``fn``, adding its time to ``stage``."""
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self.stages[stage] = self.stages.get(stage, 0.0) + time.monotonic() - t0
 
 
 @dataclass
@@ -74,11 +83,20 @@ class ChunkOutcome:
     resent: int = 0
     note: str = ""
 
+    @property
+    def label(self) -> str:
+        """``ITEM_FAILURES`` when an item of the chunk failed, else ``OK``: the first thing
+        Flower shows of a chunk's result (the task itself succeeds either way; its items
+        carry the outcome)."""
+        return "ITEM_FAILURES" if self.failed else "OK"
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return {"items": self.items, "processed": self.processed,
+        """JSON-friendly form (the task's return value; ``outcome`` first so that Flower's
+        result column starts with it)."""
+        return {"outcome": self.label, "items": self.items, "processed": self.processed,
                 "succeeded": self.succeeded, "skipped": self.skipped, "failed": self.failed,
-                "codes": self.codes, "resent": self.resent, "note": self.note}
+                "codes": dict(sorted(self.codes.items())), "resent": self.resent,
+                "note": self.note}
 
 
 class ChunkRunner:
@@ -147,6 +165,8 @@ class ChunkRunner:
             if batch:
                 _changed, due = self._book(lambda: self.jobs.record(
                     self.job, batch, cancel_token=self.cancel_token))
+                for r in batch:  # counted once recorded: a handed-back chunk runs again
+                    self.ctx.metrics.item(r.mode, r.status, r.code)
                 if due:
                     self._book(lambda: self.ctx.send(
                         "capvst.finalize", {"job": self.job}, f"job={self.job}"))
@@ -280,12 +300,11 @@ class ChunkRunner:
     def _fetch(self, item: Item) -> Prepared:
         p = Prepared(item, time.monotonic())
         self._retrying(p, "reading the inputs", lambda: self._fetch_once(p))
-        p.stages["fetch"] = time.monotonic() - p.started
         return p
 
     def _fetch_once(self, p: Prepared) -> None:
         st, s, item = self.ctx.storage, self.s, p.item
-        meta = st.metadata(item.output)
+        meta = p.timed("fetch", lambda: st.metadata(item.output))
         if meta is not None:
             mine = meta.get(META_JOB) == self.job and meta.get(META_LINE) == str(item.line)
             # written by an earlier delivery of this very item: it succeeded; otherwise the
@@ -296,33 +315,36 @@ class ChunkRunner:
         stylizer = None if standin else self.ctx.stylizer(item.mode)
 
         def read(uri: str) -> bytes:
-            return st.read(uri, s.max_input_bytes)
+            return p.timed("fetch", lambda: st.read(uri, s.max_input_bytes))
 
-        t0 = time.monotonic()
-        data = read(item.content)
-        t1 = time.monotonic()
-        p.content = images.resize(images.decode_image(data, s.max_pixels), item.max_size)
-        p.stages["decode"] = time.monotonic() - t1
+        def decode(data: bytes, max_size: int | None = None) -> Any:
+            def run() -> Any:
+                img = images.decode_image(data, s.max_pixels)
+                return img if max_size is None else images.resize(img, max_size)
+            return p.timed("decode", run)
+
+        p.content = decode(read(item.content), item.max_size)
         masked = item.content_mask is not None and item.style_mask is not None
         p.styles, p.keys = [], []
         for uri in item.styles:
             with self._lock:
                 known = uri in self._etags
-            etag = self._etags[uri] if known else st.etag(uri)
+            etag = self._etags[uri] if known else p.timed("fetch", lambda u=uri: st.etag(u))
             with self._lock:
                 self._etags[uri] = etag
             key = f"{uri}#{etag}" if etag else None
             if key is not None and not masked and stylizer is not None \
                     and stylizer.has_style(key, item.max_size):
-                # cached: read only if the statistics were evicted meanwhile
-                p.styles.append(lambda u=uri: images.decode_image(read(u), s.max_pixels))
+                # cached: read only if the statistics were evicted meanwhile (then the read
+                # counts as model time: it happens on the device's thread)
+                p.styles.append(lambda u=uri: images.decode_image(
+                    st.read(u, s.max_input_bytes), s.max_pixels))
             else:
-                p.styles.append(images.decode_image(read(uri), s.max_pixels))
+                p.styles.append(decode(read(uri)))
             p.keys.append(key)
         if masked:
             assert item.content_mask is not None and item.style_mask is not None
             p.masks = (read(item.content_mask), read(item.style_mask))
-        p.stages["read"] = t1 - t0
 
     def _model(self, p: Prepared) -> Any:
         item = p.item
@@ -339,25 +361,24 @@ class ChunkRunner:
                 p.content, p.styles, weights=item.style_weights, alpha_c=item.alpha_c,
                 max_size=item.max_size, content_mask=p.masks[0], style_mask=p.masks[1],
                 style_keys=p.keys))
+            self.ctx.after_model(item.mode)
         p.stages["model"] = time.monotonic() - t0
         self.current = None  # left set when the time limit interrupts the model
         return out
 
     def _write(self, p: Prepared, pixels: Any) -> ItemResult:
         item = p.item
-        t0 = time.monotonic()
 
         def once() -> bool:
-            # video items never come in chunks (they are planned into segments)
-            data = images.encode(pixels, item.format)  # type: ignore[arg-type]
-            p.stages["encode"] = time.monotonic() - t0
-            return self.ctx.storage.write(
+            data = p.timed("encode", lambda: images.encode(
+                pixels, item.format))  # type: ignore[arg-type]  # never a video here
+            return p.timed("upload", lambda: self.ctx.storage.write(
                 item.output, data, create_only=True,
                 content_type="image/jpeg" if item.format == "jpg" else f"image/{item.format}",
-                metadata={META_JOB: self.job, META_LINE: str(item.line)})
+                metadata={META_JOB: self.job, META_LINE: str(item.line)}))
 
         written = self._retrying(p, "writing the output", once)
-        p.stages["upload"] = time.monotonic() - t0 - p.stages.get("encode", 0.0)
+        self.ctx.metrics.stages(p.stages)
         if p.result is not None:
             return p.result
         return self._done(p, "succeeded" if written else "skipped")
@@ -398,6 +419,7 @@ class ChunkRunner:
                     if p.result is None:
                         writes.append(encode_pool.submit(self._write, p, pixels))
                 if p.result is not None:
+                    self.ctx.metrics.stages(p.stages)  # ended before the writer
                     self.add(p.result)
                 if isolated:
                     reap(block=True)

@@ -35,7 +35,7 @@ from capvst.retry import is_transient_infrastructure
 
 from . import app
 from .context import WorkerContext, build_context
-from .pipeline import ChunkRunner, HandBack
+from .pipeline import ChunkOutcome, ChunkRunner, HandBack
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ class Process:
     role: str | None = None  # decided in the parent, inherited by the pool processes
     #: a file a pool process creates when it cannot start; the parent then exits non-zero
     failed_flag: str | None = None
+    metrics_on = False  # the parent serves /metrics (CAPVST_METRICS_PORT)
     ctx: WorkerContext | None = None
 
     @classmethod
     def context(cls) -> WorkerContext:
         """The context (built on first use outside a worker, e.g. in tests)."""
         if cls.ctx is None:
-            cls.ctx = build_context(app.conf.capvst_settings, sender(app))
+            cls.ctx = build_context(app.conf.capvst_settings, sender(app), cls.metrics_on)
         return cls.ctx
 
 
@@ -71,15 +72,21 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
     if not redis_url_has_password(s.broker_url):
         log.warning("CAPVST_BROKER_URL has no password: anyone who can reach this Redis can "
                     "read and change every job (docs/SECURITY.md)")
-    # A bad checkpoint stops the worker's start, loudly, rather than failing every item.
-    # The check runs in a separate interpreter so that this parent starts no OpenMP pool,
-    # CUDA context or S3 connection that the forked pool processes would inherit broken.
+    # A missing or bad checkpoint stops the worker's start, loudly, rather than failing
+    # every item or, worse, serving an untrained network that looks like success. The load
+    # check runs in a separate interpreter so that this parent starts no OpenMP pool, CUDA
+    # context or S3 connection that the forked pool processes would inherit broken.
     # Celery only logs exceptions from signal handlers, so leave with SystemExit.
-    from capvst.preflight import check_models_isolated
+    from capvst import untrained_warning
+    from capvst.preflight import check_models_isolated, require_checkpoints
 
     try:
-        for mode, model_id in check_models_isolated(s).items():
-            log.info("checked %s model %s", mode, model_id)
+        untrained = require_checkpoints(s)
+        for mode in untrained:
+            log.critical("CAPVST_ALLOW_UNTRAINED is set: %s", untrained_warning(mode))
+        if len(untrained) < len(s.modes):
+            for name, model_id in check_models_isolated(s).items():
+                log.info("checked %s model %s", name, model_id)
     except CapvstError as exc:
         log.critical("capvst worker cannot start: %s", exc.message)
         raise SystemExit(f"capvst worker cannot start: {exc.message}") from None
@@ -87,6 +94,11 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
     os.close(fd)
     os.unlink(Process.failed_flag)
     atexit.register(_exit_failed, Process.failed_flag)
+    if s.metrics_port:
+        from capvst import metrics
+
+        metrics.serve(s.metrics_port)  # before the fork: the pool processes write there
+        Process.metrics_on = True
 
 
 def _exit_failed(flag: str) -> None:
@@ -97,6 +109,22 @@ def _exit_failed(flag: str) -> None:
         os.unlink(flag)
         logging.shutdown()
         os._exit(1)
+
+
+@celery_signals.worker_ready.connect
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    s = app.conf.capvst_settings
+    if Process.metrics_on and sender is not None and sender.app is app:
+        # said here: Celery's logging is not set up yet when worker_init runs
+        log.info("Prometheus metrics on port %d at /metrics", s.metrics_port)
+
+
+@celery_signals.worker_process_shutdown.connect
+def _process_shutdown(**_: Any) -> None:
+    if Process.metrics_on:
+        from capvst import metrics
+
+        metrics.process_exited()
 
 
 @celery_signals.worker_process_init.connect
@@ -220,7 +248,11 @@ def _fail_unfinished(ctx: WorkerContext, payload: StylizePayload, message: str
                                    worker=ctx.name, model=ctx.model_id(i.mode))
                 for i, r in zip(payload.items, ranks) if r == 0]
     _changed, due = ctx.jobs.record(payload.job, failures)
+    for r in failures:
+        ctx.metrics.item(r.mode, r.status, r.code)
     if due:
         ctx.send(TaskNames.FINALIZE.value, {"job": payload.job}, f"job={payload.job}")
-    return {"items": len(payload.items), "processed": len(failures), "failed": len(failures),
-            "codes": {"model_error": len(failures)} if failures else {}, "note": message}
+    outcome = ChunkOutcome(items=len(payload.items), processed=len(failures),
+                           failed=len(failures), note=message,
+                           codes={"model_error": len(failures)} if failures else {})
+    return outcome.as_dict()

@@ -6,10 +6,12 @@ block forever in the first forward pass (the parent's OpenMP pool does not survi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -69,18 +71,49 @@ def test_a_dozen_items_through_a_worker_with_checkpoints(tmp_path, moto_server, 
         c.stop()
 
 
+def test_a_worker_without_checkpoint_refuses_to_start(tmp_path):
+    """Fail closed: no checkpoint and no CAPVST_ALLOW_UNTRAINED, no worker (and no item
+    quietly computed by an untrained network)."""
+    c = Cluster(tmp_path, None, untrained=True, worker_modes="photorealistic")
+    try:
+        t0 = time.monotonic()
+        w = c.worker("w1")
+        code = w.proc.wait(timeout=90)
+        elapsed = time.monotonic() - t0
+        log = w.log()
+        assert code != 0, log[-2000:]
+        assert "CAPVST_ALLOW_UNTRAINED" in log and "CAPVST_CHECKPOINT_PHOTOREALISTIC" in log
+        assert " ready." not in log
+        assert elapsed < 30, f"the refusal took {elapsed:.1f} s"
+    finally:
+        c.stop()
+
+
 def test_untrained_network_on_purpose(tmp_path, moto_server, s3, bucket):
-    """Without checkpoints the worker serves the seeded untrained network and says so."""
-    c = Cluster(tmp_path, moto_server.url, untrained=True)
+    """With CAPVST_ALLOW_UNTRAINED=1 a worker without checkpoints serves the seeded
+    untrained network, and every place a user looks says so."""
+    c = Cluster(tmp_path, moto_server.url, untrained=True, allow_untrained="1")
     try:
         put_inputs(s3, bucket, 2, size=64)
         manifest = put_manifest(s3, bucket, simple_lines(2))
         c.scheduler().wait_ready()
         w = c.worker("w1").wait_ready()
-        job = submit(c, manifest, f"s3://{bucket}/out", "--max-size", "64")
-        assert wait_job(c, job)["succeeded"] == 2
+        proc = c.submit(manifest, "--output", f"s3://{bucket}/out", "--max-size", "64",
+                        "--wait")
+        assert proc.returncode == 0, proc.stderr
+        job = proc.stdout.strip().splitlines()[0]
+        assert "UNTRAINED" in proc.stderr  # the submit summary
+        st = wait_job(c, job)
+        assert st["succeeded"] == 2 and st["untrained"] is True
+        assert "UNTRAINED" in c.capvst("status", job).stdout
+        assert "UNTRAINED" in c.capvst("report", job).stdout
         assert {r["model"] for r in report(s3, bucket, "out", job)} == {"untrained"}
-        assert "UNTRAINED" in w.log()
+        summary = json.loads(s3.get_object(Bucket=bucket, Key=f"out/_capvst/{job}/summary.json")
+                             ["Body"].read())
+        assert summary["untrained"] is True and summary["models"] == {"untrained": 2}
+        page = s3.get_object(Bucket=bucket, Key=f"out/_capvst/{job}/index.html")["Body"].read()
+        assert b'id="untrained"' in page and b"UNTRAINED model" in page
+        assert "UNTRAINED" in w.log() and "CAPVST_ALLOW_UNTRAINED is set" in w.log()
         assert "has no password" in w.log()  # the test Redis has none: the worker says so
     finally:
         c.stop()

@@ -51,8 +51,9 @@ def test_flower_lists_worker_and_tasks(tmp_path, moto_server, s3, bucket):
 
         s3.put_object(Bucket=bucket, Key="a.png", Body=image_bytes())
         s3.put_object(Bucket=bucket, Key="m.jsonl",
-                      Body=b'{"content": "a.png", "style": "a.png", "max_size": 32}\n')
-        assert c.submit(f"s3://{bucket}/m.jsonl", "--wait").returncode == 0
+                      Body=b'{"content": "a.png", "style": "a.png", "max_size": 32}\n'
+                           b'{"content": "gone.png", "style": "a.png", "max_size": 32}\n')
+        assert c.submit(f"s3://{bucket}/m.jsonl", "--wait").returncode == 3  # failed items
 
         def tasks():
             body = json.loads(_get(base + "/api/tasks", "admin:s3cret")[1])
@@ -62,7 +63,18 @@ def test_flower_lists_worker_and_tasks(tmp_path, moto_server, s3, bucket):
 
         seen = wait_for(tasks, 30, "flower to see the job's tasks", interval=1)
         stylize = [t for t in seen.values() if t.get("name") == "capvst.stylize"]
-        assert "job=" in stylize[0]["kwargs"] and "lines=1" in stylize[0]["kwargs"]
+        assert "job=" in stylize[0]["kwargs"] and "lines=1..2" in stylize[0]["kwargs"]
+        # the chunk's outcome is the first thing of its result: a chunk with a failed item
+        # reads ITEM_FAILURES, with the counts and the codes
+        result = stylize[0]["result"]
+        assert stylize[0]["state"] == "SUCCESS"
+        assert result.startswith("{'outcome': 'ITEM_FAILURES'"), result
+        assert "'succeeded': 1" in result and "'failed': 1" in result
+        assert "'codes': {'not_found': 1}" in result
+        # and a search finds the chunks with failed items (docs/DEPLOY.md)
+        found = json.loads(_get(base + "/api/tasks?taskname=capvst.stylize&search="
+                                "result:ITEM_FAILURES", "admin:s3cret")[1])
+        assert [t["uuid"] for t in found.values()] == [stylize[0]["uuid"]]
         status, metrics = _get(base + "/metrics")
         assert status == 200 and "flower_events_total" in metrics
     finally:

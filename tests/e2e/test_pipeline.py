@@ -100,7 +100,10 @@ def test_end_to_end(pipeline, s3, bucket, tmp_path, monkeypatch):
     assert proc.returncode == 3, proc.stderr
     job = proc.stdout.strip().splitlines()[0]
     # not a terminal: progress comes as plain lines, then the summary
-    assert f"{job} done: 10/10 done, 2 failed" in proc.stderr
+    assert f"{job} done: 10/10 done (2 failed, 0 skipped," in proc.stderr
+    assert "ETA" not in proc.stderr.split(f"{job} done:")[1]
+    assert "/0" not in proc.stderr and "ETA -" not in proc.stderr  # no nonsense line
+    assert "failed by code: bad_image 1, not_found 1" in proc.stderr
     assert "8 succeeded, 0 skipped, 2 failed of 10 items" in proc.stderr
     report = _report(s3, bucket, prefix, job)
     assert [r["line"] for r in report] == list(range(1, len(lines) + 1))
@@ -137,8 +140,10 @@ def test_end_to_end(pipeline, s3, bucket, tmp_path, monkeypatch):
     assert summary["errors"] == {"bad_image": 1, "not_found": 1}
     page = s3.get_object(Bucket=bucket, Key=f"{prefix}/_capvst/{job}/index.html")["Body"].read()
     html = page.decode()
-    assert html.count("<tr class=") == 10
-    assert html.index('class="failed"') < html.index('class="succeeded"')  # failures first
+    assert html.count('<tr class="item ') == 10
+    assert "Showing 10 of 10 rows" in html
+    # failures first
+    assert html.index('class="item failed"') < html.index('class="item succeeded"')
     assert "data:image/jpeg;base64," in html
 
 

@@ -15,6 +15,7 @@ import redis
 from capvst.heartbeat import Heartbeat
 from capvst.jobs import JobRecord, JobStore, connect
 from capvst.manifest import Item, JobOptions
+from capvst.metrics import WorkerMetrics
 from capvst.settings import Settings
 from capvst.storage import META_JOB, META_LINE, Storage, file_uri
 from tests.data import image_bytes
@@ -162,3 +163,35 @@ def test_chunk_outcome_is_json(setup):
     ctx, _rec, _sent, tmp = setup
     out = run(ctx, [item(tmp, 0)])
     assert json.loads(json.dumps(out.as_dict()))["succeeded"] == 1
+
+
+class RecordingMetrics(WorkerMetrics):
+    """What the pipeline reports to the metrics, kept in lists."""
+
+    def __init__(self) -> None:
+        super().__init__(enabled=False)
+        self.items: list[tuple[str | None, str, str | None]] = []
+        self.stage_sets: list[dict[str, float]] = []
+
+    def item(self, mode, status, code):
+        self.items.append((mode, status, code))
+
+    def stages(self, seconds):
+        self.stage_sets.append(dict(seconds))
+
+
+def test_a_chunk_with_a_failed_item_says_so_and_reports_its_stages(setup):
+    ctx, _rec, _sent, tmp = setup
+    ctx.metrics = RecordingMetrics()
+    missing = item(tmp, 1).model_copy(update={"content": file_uri(str(tmp / "in" /
+                                                                      "nope.png"))})
+    out = run(ctx, [item(tmp, 0), missing]).as_dict()
+    assert list(out)[0] == "outcome"  # what Flower's result column shows first
+    assert out["outcome"] == "ITEM_FAILURES" and out["failed"] == 1
+    assert out["succeeded"] == 1 and out["codes"] == {"not_found": 1}
+    assert sorted(ctx.metrics.items) == [("photorealistic", "failed", "not_found"),
+                                         ("photorealistic", "succeeded", None)]
+    by_keys = sorted(sorted(s) for s in ctx.metrics.stage_sets)
+    assert by_keys == [["decode", "encode", "fetch", "model", "upload"], ["fetch"]]
+    assert all(v >= 0 for s in ctx.metrics.stage_sets for v in s.values())
+    assert run(ctx, [item(tmp, 2)], task="t2").as_dict()["outcome"] == "OK"
