@@ -225,7 +225,7 @@ class LatentStore:
 # -- the passes ---------------------------------------------------------------------------------
 def _pixels_tensor(pixels: np.ndarray, t: Tile, device: torch.device) -> Tensor:
     block = pixels[t.oy0:t.oy1, t.ox0:t.ox1]
-    x = torch.from_numpy(np.ascontiguousarray(block)).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.array(block)).permute(2, 0, 1).float().div(255)
     return x.unsqueeze(0).to(device)
 
 
