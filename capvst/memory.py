@@ -12,9 +12,10 @@ from typing import Any
 #: Share of the free GPU memory, or of the available RAM, that the default budget takes.
 GPU_SHARE = 0.8
 CPU_SHARE = 0.6
-#: Measured peak bytes per pixel of one untiled encode or decode (float32, inference mode;
-#: docs/PERFORMANCE.md), rounded up with a margin. The two configurations differ little.
-ACTIVATION_BYTES_PER_PIXEL = 1100
+#: Peak bytes per pixel of one encode or decode (float32, inference mode, the input and the
+#: result included): 668 measured for both configurations at 1024×1024 on a CPU
+#: (docs/PERFORMANCE.md), plus a 15 % margin.
+ACTIVATION_BYTES_PER_PIXEL = 768
 #: Latent bytes per image pixel (32 float32 channels per pixel in both configurations).
 LATENT_BYTES_PER_PIXEL = 128
 

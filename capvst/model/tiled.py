@@ -329,17 +329,23 @@ def plan(height: int, width: int, budget: int, margin: int, activation_bytes: in
     """Interior side and whether the latent goes to disk, for a memory ``budget`` in bytes.
 
     ``activation_bytes`` is the peak per pixel of one tile's pass, ``latent_bytes`` the stored
-    latent per pixel. The latent stays in memory when it and the smallest tile fit; the side
-    is the largest multiple of 4 whose tile (with halo) fits what is left.
+    latent per pixel. The side is the largest multiple of 4 whose tile (with halo) fits what
+    the image buffers and the latent leave. The latent stays in memory unless that would
+    shrink the tiles below both the side a disk-backed latent allows and four halos (where
+    recomputed halos start to cost more than the file's I/O).
     """
     buffers = 6 * height * width  # the content's pixels and the output's
-    latent = latent_bytes * height * width
-    smallest = (MIN_TILE + 2 * margin) ** 2 * activation_bytes
-    on_disk = buffers + latent + smallest > budget
-    left = budget - buffers - (0 if on_disk else latent)
-    outer = int(math.sqrt(max(left, 0) / activation_bytes))
-    side = max(MIN_TILE, (outer - 2 * margin) // 4 * 4)
-    return min(side, -(-max(height, width) // 4) * 4), on_disk
+    longest = -(-max(height, width) // 4) * 4
+
+    def side_for(left: int) -> int:
+        outer = int(math.sqrt(max(left, 0) / activation_bytes))
+        return min(longest, max(MIN_TILE, (outer - 2 * margin) // 4 * 4))
+
+    on_disk = side_for(budget - buffers)
+    in_memory = side_for(budget - buffers - latent_bytes * height * width)
+    if in_memory >= min(on_disk, 4 * margin):
+        return in_memory, False
+    return on_disk, True
 
 
 def tile_count(height: int, width: int, side: int) -> int:
