@@ -97,32 +97,53 @@ def sizes(args: argparse.Namespace) -> None:
                   f"{diff:>8} {ident:>11}", flush=True)
 
 
+def _peak_rss(pids: list[int]) -> int:
+    """Largest VmHWM (peak resident set) among ``pids``, in bytes."""
+    peak = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+    return peak
+
+
 def queue(args: argparse.Namespace) -> None:
-    """One big content through redis-server, the scheduler and one worker."""
+    """One big content through redis-server, the scheduler and one worker (local files)."""
     sys.path.insert(0, str(REPO))
     from tests.services import Cluster  # the same real services the end-to-end tests use
 
     w, h = (int(v) for v in args.size.split("x"))
     root = Path(tempfile.mkdtemp(prefix="capvst-bench-queue-"))
     content = _content(root, w, h)
-    style = root / "style.jpg"
-    style.write_bytes((REF / "style" / "04.jpg").read_bytes())
+    (root / "style.jpg").write_bytes((REF / "style" / "04.jpg").read_bytes())
     manifest = root / "job.jsonl"
     manifest.write_text(f'{{"content": "{content.name}", "style": "style.jpg", '
                         f'"max_size": 0, "tile": "auto", "mode": "{args.mode}"}}\n')
-    env = {"CAPVST_MEMORY_BUDGET": str(args.budget), "CAPVST_TASK_TIME_LIMIT": "7000",
-           "CAPVST_VISIBILITY_TIMEOUT": "7200", "CAPVST_TORCH_THREADS": str(os.cpu_count())}
-    if args.checkpoint:
-        env[f"CAPVST_CHECKPOINT_{args.mode.upper()}"] = args.checkpoint
-    print(f"# {datetime.date.today()}  {w}x{h} through the queue, mode {args.mode}, "
-          f"CAPVST_MEMORY_BUDGET={args.budget:,}")
-    with Cluster(root, env=env) as cluster:
+    print(f"# {datetime.date.today()}  {w}x{h} through the queue (redis-server, scheduler, one "
+          f"worker, local files), mode {args.mode}, CAPVST_MEMORY_BUDGET={args.budget:,}")
+    c = Cluster(root, None, memory_budget=str(args.budget), task_time_limit="20000",
+                visibility_timeout="21000", worker_modes=args.mode, lease_seconds="60")
+    try:
+        c.scheduler().wait_ready(300)
+        worker = c.worker("w1").wait_ready(300)
+        idle = _peak_rss([worker.pid, *worker.children()])
         t0 = time.perf_counter()
-        result = cluster.run_job(manifest, timeout=7200)
+        done = c.submit(str(manifest), "--output", str(root / "out"), "--wait",
+                        timeout=20000)
         seconds = time.perf_counter() - t0
-        peak = cluster.worker_peak_rss()
-    print(f"job {result}: {seconds:.0f} s; worker peak RSS {peak / 1e9:.2f} GB "
-          f"(budget {args.budget / 1e9:.2f} GB)")
+        peak = _peak_rss([worker.pid, *worker.children()])
+        print(done.stdout.strip()[-500:])
+        outs = list((root / "out").glob("*.png"))
+        size = Image.open(outs[0]).size if outs else None
+        print(f"exit {done.returncode}; {seconds:.0f} s; output {size}; worker peak RSS "
+              f"{peak / 1e9:.2f} GB, {idle / 1e9:.2f} GB before the job (PyTorch, the model), "
+              f"so {(peak - idle) / 1e9:.2f} GB for the item against a budget of "
+              f"{args.budget / 1e9:.2f} GB")
+    finally:
+        c.stop()
 
 
 def main() -> None:
