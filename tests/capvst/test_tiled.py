@@ -61,7 +61,8 @@ def _extent(changed: np.ndarray, centre: int, scale: int) -> int:
     return max(centre - cols.min() * scale, (cols.max() + 1) * scale - 1 - centre)
 
 
-@pytest.mark.parametrize("mode", ["photorealistic", "artistic"])
+@pytest.mark.parametrize("mode", ["photorealistic",
+                                  pytest.param("artistic", marks=pytest.mark.slow)])
 def test_reach_measured(nets, mode):
     """One changed pixel (or latent position) changes nothing beyond the derived reach, and
     the change does travel most of it: the bound is not loose."""
@@ -213,6 +214,7 @@ def test_auto_tiles_only_over_the_budget(nets, monkeypatch):
     assert st.tile_side(600, 800, 130) == 128
 
 
+@pytest.mark.slow
 def test_out_of_memory_retries_in_smaller_tiles(nets, monkeypatch):
     """A whole pass that runs out of memory is retried in tiles; so is a tile that does."""
     from capvst.errors import ModelError
