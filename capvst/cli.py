@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
 from . import __version__, cli_train, cli_video
@@ -37,6 +38,25 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if v < 8:
         raise argparse.ArgumentTypeError("must be at least 8")
+    return v
+
+
+def _max_size(text: str) -> int:
+    """``--max-size``: 0 (full resolution) or at least 8."""
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _tile(text: str) -> str | int:
+    """``--tile``: auto, off or a tile side of at least 64 pixels."""
+    t = text.strip().lower()
+    if t in ("auto", "off"):
+        return t
+    try:
+        v = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not auto, off or a number: {text!r}") from None
+    if v < 64:
+        raise argparse.ArgumentTypeError("a tile side must be at least 64 pixels")
     return v
 
 
@@ -81,8 +101,13 @@ def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                         "untrained network, with a warning)")
     p.add_argument("--checkpoint-sha256", metavar="HEX",
                    help="refuse the checkpoint unless its sha256 matches")
-    p.add_argument("--max-size", type=_positive_int, default=DEFAULT_MAX_SIZE, metavar="N",
-                   help=f"long-edge limit before inference (default {DEFAULT_MAX_SIZE})")
+    p.add_argument("--max-size", type=_max_size, default=DEFAULT_MAX_SIZE, metavar="N",
+                   help=f"long-edge limit before inference; 0 is full resolution (default "
+                        f"{DEFAULT_MAX_SIZE})")
+    p.add_argument("--tile", type=_tile, default="auto", metavar="auto|off|N",
+                   help="exact tiled inference: auto runs an image whole when it fits "
+                        "CAPVST_MEMORY_BUDGET and in tiles otherwise; off; or the tile side in "
+                        "pixels (default auto). The output is the same either way")
     p.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N (default "
                    "CAPVST_DEVICE, else auto)")
     p.add_argument("--transform-dtype", choices=("float64", "float32"), default=None,
@@ -127,6 +152,34 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
     return pairs
 
 
+@contextmanager
+def _tile_progress(name: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar of tiles done on a terminal (stderr); nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(),
+                   MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(f"{os.path.basename(name)}: tiles", total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
+
 def cmd_stylize(args: argparse.Namespace) -> int:
     """Run the whole pipeline in this process for each content."""
     import torch
@@ -166,7 +219,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         dtype = {"float64": torch.float64, "float32": torch.float32}[
             args.transform_dtype or settings.transform_dtype]
         stylizer = Stylizer(model, args.device or settings.device, dtype,
-                            settings.style_cache_size)
+                            settings.style_cache_size, settings.memory_budget)
     except CapvstError as exc:
         raise _Fail(exc.message) from None
 
@@ -182,11 +235,13 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     for n, (content, target) in enumerate(pairs, 1):
         t0 = time.perf_counter()
         try:
-            pixels = stylizer.stylize(
-                decode_image(read(content), settings.max_pixels), styles,
-                weights=args.style_weights, alpha_c=args.alpha_c, max_size=args.max_size,
-                content_mask=masks[0] if masks else None, style_mask=masks[1] if masks else None,
-                style_keys=args.style)
+            with _tile_progress(content) as progress:
+                pixels = stylizer.stylize(
+                    decode_image(read(content), settings.max_pixels), styles,
+                    weights=args.style_weights, alpha_c=args.alpha_c, max_size=args.max_size,
+                    content_mask=masks[0] if masks else None,
+                    style_mask=masks[1] if masks else None, style_keys=args.style,
+                    tile=args.tile, progress=progress)
             store.write(target, encode(pixels, format_for(target)),
                         content_type=f"image/{format_for(target)}")
         except CapvstError as exc:

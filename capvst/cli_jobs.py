@@ -71,7 +71,10 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="photorealistic",
                    help="default mode of items (default photorealistic)")
     p.add_argument("--max-size", type=int, default=1280, metavar="N",
-                   help="default long-edge limit of items (default 1280)")
+                   help="default long-edge limit of items; 0 is full resolution (default 1280)")
+    p.add_argument("--tile", default="auto", metavar="auto|off|N",
+                   help="default tiling of items: auto (tiled when an image does not fit the "
+                        "worker's memory budget), off, or a tile side in pixels (default auto)")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="png",
                    help="default output format (default png)")
     p.add_argument("--wait", action="store_true",
@@ -147,8 +150,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         # a style on the command line is relative to here, not to the manifest
         styles = [parse(s).uri for s in args.styles] if args.styles else None
-        options = JobOptions(mode=args.mode, max_size=args.max_size, format=args.format,
-                             styles=styles, style_weights=args.style_weights)
+        options = JobOptions(mode=args.mode, max_size=args.max_size, tile=args.tile,
+                             format=args.format, styles=styles, style_weights=args.style_weights)
     except CapvstError as exc:
         raise Fail(f"bad --style: {exc.message}", EXIT_USAGE) from None
     except ValidationError as exc:

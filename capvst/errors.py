@@ -128,6 +128,10 @@ class ModelError(PermanentError):
     code = "model_error"
 
 
+class OutOfMemory(ModelError):
+    """The device ran out of memory; a smaller tile may still fit (code ``model_error``)."""
+
+
 class CheckpointError(ModelError):
     """A checkpoint is missing, unreadable, unsafe or of another network."""
 

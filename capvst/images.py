@@ -60,9 +60,15 @@ def _open(source: Source, max_pixels: int) -> Image.Image:
         fp = source
     try:
         with warnings.catch_warnings():
-            # our own limit below replaces Pillow's warning/bomb check
+            # our own limit below (CAPVST_MAX_PIXELS) replaces Pillow's warning and bomb check,
+            # which would otherwise refuse images over 2 × 89.5 megapixels whatever is set
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
+            try:
+                img = Image.open(fp)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"image is over the pixel limit, a possible decompression bomb ({exc})"
                        ) from None
@@ -129,9 +135,9 @@ def decode_image(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
 
 def resized_size(width: int, height: int, max_size: int) -> tuple[int, int]:
-    """The size :func:`resize` produces (width, height)."""
+    """The size :func:`resize` produces (width, height); ``max_size`` 0 keeps the size."""
     long_edge = max(width, height)
-    if long_edge > max_size:
+    if max_size and long_edge > max_size:
         width = int(width / long_edge * max_size)
         height = int(height / long_edge * max_size)
     return width // SIDE_MULTIPLE * SIDE_MULTIPLE, height // SIDE_MULTIPLE * SIDE_MULTIPLE
@@ -139,16 +145,18 @@ def resized_size(width: int, height: int, max_size: int) -> tuple[int, int]:
 
 def resize(img: Image.Image, max_size: int = DEFAULT_MAX_SIZE) -> Image.Image:
     """The original's rule: long edge down to ``max_size`` then sides floored to multiples of
-    4, each step a bicubic resize. TooSmall when a side would be under 4 pixels."""
-    if max_size < MIN_SIDE:
-        raise InvalidItem(f"max_size must be at least {MIN_SIDE}, got {max_size}")
+    4, each step a bicubic resize. ``max_size`` 0 is full resolution (only the flooring).
+    TooSmall when a side would be under 8 pixels."""
+    if max_size != 0 and max_size < MIN_SIDE:
+        raise InvalidItem(f"max_size must be 0 (full resolution) or at least {MIN_SIDE}, "
+                          f"got {max_size}")
     w, h = img.size
     fw, fh = resized_size(w, h, max_size)
     if fw < MIN_SIDE or fh < MIN_SIDE:
         raise TooSmall(f"image is {w}x{h}, {fw}x{fh} after resizing; the network needs sides "
                        f"of at least {MIN_SIDE} pixels")
     long_edge = max(w, h)
-    if long_edge > max_size:
+    if max_size and long_edge > max_size:
         img = img.resize((int(w / long_edge * max_size), int(h / long_edge * max_size)),
                          Image.Resampling.BICUBIC)
     if img.size != (fw, fh):

@@ -37,10 +37,44 @@ MAX_LINE_BYTES = 64 * 1024
 MAX_MAX_SIZE = 8192
 #: Folder under the output prefix that belongs to capvst (reports, job records).
 RESERVED = "_capvst"
-FIELDS = ("content", "style", "style_weights", "alpha_c", "mode", "max_size", "content_mask",
-          "style_mask", "output", "format", "id")
+FIELDS = ("content", "style", "style_weights", "alpha_c", "mode", "max_size", "tile",
+          "content_mask", "style_mask", "output", "format", "id")
 #: A line's ``format``: an image format, or a video's (mp4, webm, frames).
 ItemFormat = Literal["png", "jpg", "webp", "mp4", "webm", "frames"]
+#: Smallest tile side a manifest may ask for.
+MIN_TILE = 64
+#: ``auto`` (tiled when the image does not fit the worker's memory budget), ``off``, or the
+#: side of a tile in pixels.
+Tile = Literal["auto", "off"] | int
+
+
+def _check_max_size(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
+    if isinstance(v, int) and v != 0 and not MIN_SIDE <= v <= MAX_MAX_SIZE:
+        raise ValueError(f"must be 0 (full resolution) or between {MIN_SIDE} and "
+                         f"{MAX_MAX_SIZE}")
+    return v
+
+
+def _check_tile(v: Any) -> Any:
+    if v is None:
+        return v
+    if isinstance(v, bool):
+        raise ValueError("must be auto, off or a side in pixels, not true/false")
+    if isinstance(v, str):
+        text = v.strip().lower()
+        if text in ("auto", "off"):
+            return text
+        try:
+            v = int(text)
+        except ValueError:
+            raise ValueError("must be auto, off or a side in pixels") from None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or v < MIN_TILE:
+        raise ValueError(f"must be auto, off or a side of at least {MIN_TILE} pixels")
+    return v
 #: Formats the scheduler expands line by line.
 ManifestFormat = Literal["jsonl", "csv", "s3-batch"]
 
@@ -50,7 +84,9 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     mode: Mode = "photorealistic"
-    max_size: int = Field(DEFAULT_MAX_SIZE, ge=MIN_SIDE, le=MAX_MAX_SIZE)
+    #: Long-edge limit; 0 is full resolution.
+    max_size: int = DEFAULT_MAX_SIZE
+    tile: Tile = "auto"
     format: OutputFormat = "png"
     #: Style(s) of every line that names none (lists of objects: S3 Batch, S3 Inventory).
     styles: list[str] | None = None
@@ -59,6 +95,9 @@ class JobOptions(BaseModel):
     #: Default output names: ``flat`` is ``{prefix}/{content stem}__{style stems}.{format}``;
     #: ``keys`` keeps an S3 content's key folders: ``{prefix}/{key folders}/{stem}__…``.
     output_layout: Literal["flat", "keys"] = "flat"
+
+    _max_size = field_validator("max_size", mode="after")(_check_max_size)
+    _tile = field_validator("tile", mode="before")(_check_tile)
 
     @model_validator(mode="after")
     def _job_styles(self) -> JobOptions:
@@ -84,7 +123,8 @@ class LineSpec(BaseModel):
     style_weights: list[float] | None = None
     alpha_c: float | None = Field(None, ge=0.0, le=1.0)
     mode: Mode | None = None
-    max_size: int | None = Field(None, ge=MIN_SIDE, le=MAX_MAX_SIZE)
+    max_size: int | None = None
+    tile: Tile | None = None
     content_mask: str | None = None
     style_mask: str | None = None
     output: str | None = None
@@ -97,6 +137,9 @@ class LineSpec(BaseModel):
         if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
             raise ValueError("must be a number, not true/false")
         return v
+
+    _max_size = field_validator("max_size", mode="after")(_check_max_size)
+    _tile = field_validator("tile", mode="before")(_check_tile)
 
     @field_validator("style")
     @classmethod
@@ -128,6 +171,7 @@ class Item(BaseModel):
     alpha_c: float = 0.0
     mode: Mode
     max_size: int
+    tile: Tile = "auto"
     content_mask: str | None = None
     style_mask: str | None = None
     output: str
@@ -420,7 +464,9 @@ def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
     return Item(
         line=line, id=spec.id, content=content, styles=styles,
         style_weights=spec.style_weights, alpha_c=spec.alpha_c or 0.0,
-        mode=spec.mode or options.mode, max_size=spec.max_size or options.max_size,
+        mode=spec.mode or options.mode,
+        max_size=spec.max_size if spec.max_size is not None else options.max_size,
+        tile=spec.tile if spec.tile is not None else options.tile,
         content_mask=resolve(spec.content_mask, base) if spec.content_mask else None,
         style_mask=resolve(spec.style_mask, base) if spec.style_mask else None,
         output=output, format=fmt,

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(200_000_000, ge=1)
     #: float64 is the original's; float32 is an opt-in approximation (docs/MODEL.md).
     transform_dtype: Literal["float64", "float32"] = "float64"
+    #: Bytes one stylization may use; images that do not fit run in exact tiles (``--tile
+    #: auto``). Unset: 80% of the free GPU memory, or 60% of the available RAM (cgroup
+    #: limit included) on a CPU, measured when each image starts.
+    memory_budget: int | None = Field(None, ge=1 << 26)
     #: Style statistics kept per worker process (least recently used are dropped).
     style_cache_size: int = Field(64, ge=0)
     #: Retries of a transient fault within one delivery, with exponential backoff.

@@ -360,7 +360,7 @@ class ChunkRunner:
             out = self._retrying(p, "stylizing", lambda: stylizer.stylize(
                 p.content, p.styles, weights=item.style_weights, alpha_c=item.alpha_c,
                 max_size=item.max_size, content_mask=p.masks[0], style_mask=p.masks[1],
-                style_keys=p.keys))
+                style_keys=p.keys, tile=item.tile))
             self.ctx.after_model(item.mode)
         p.stages["model"] = time.monotonic() - t0
         self.current = None  # left set when the time limit interrupts the model

@@ -197,3 +197,30 @@ def transfer_masked(content: Tensor, style: Tensor, content_mask: np.ndarray,
         style_stats = moments(s_feat.index_select(1, s_sel))[0]
         out[:, c_sel] = _colour(c_feat.index_select(1, c_sel), [style_stats], None, alpha_c)
     return out.to(content.dtype).reshape(content.shape)
+
+
+def affine_map(own: Moments, styles: Sequence[Moments], weights: Sequence[float] | None,
+               alpha_c: float) -> tuple[Tensor, Tensor]:
+    """The transform of a content with statistics ``own`` as ``A @ feat + b[:, None]``.
+
+    ``A`` ``[C, C]`` and ``b`` ``[C]`` in float64: what :func:`transfer` computes, for a
+    latent too large to hold at once (tiles share one map).
+    """
+    if not styles:
+        raise ValueError("at least one style is needed")
+    alpha_c = check_alpha(alpha_c)
+    w = check_weights(len(styles), weights)
+    f64 = torch.float64
+    inv_own = torch.linalg.inv(own.factor.to(f64))
+    own_mean = own.mean.to(f64)
+    if len(styles) == 1 and alpha_c == 0.0 and w is None:
+        factor, mean = styles[0].factor.to(f64), styles[0].mean.to(f64)
+    else:
+        ws = [1.0] * len(styles) if w is None else w
+        factor = sum((s.factor.to(f64) * x for s, x in zip(styles, ws)),
+                     torch.zeros_like(inv_own))
+        mean = sum((s.mean.to(f64) * x for s, x in zip(styles, ws)), torch.zeros_like(own_mean))
+        factor = factor * (1 - alpha_c) + torch.linalg.inv(inv_own) * alpha_c
+        mean = mean * (1 - alpha_c) + own_mean * alpha_c
+    a = factor @ inv_own
+    return a, mean - a @ own_mean

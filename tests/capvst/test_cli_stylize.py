@@ -154,3 +154,20 @@ def test_console_script_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("capvst: error:")
+
+
+def test_full_resolution_and_tile_options(tmp_path, style, capsys):
+    """``--max-size 0`` keeps every pixel (sides floored to multiples of 4); ``--tile`` is
+    auto, off or a side of at least 64 pixels."""
+    a = _img(tmp_path / "a.png", size=(143, 90), seed=4)
+    for tile in ("auto", "off", "64"):
+        out = tmp_path / f"full-{tile}.png"
+        code, err = run(["stylize", a, "--style", style, "--max-size", "0", "--tile", tile,
+                         "-o", str(out)], capsys)
+        assert code == 0, err
+        assert Image.open(out).size == (140, 88)
+    for bad in (["--tile", "32"], ["--tile", "big"], ["--max-size", "4"]):
+        with pytest.raises(SystemExit) as e:
+            _run(["stylize", a, "--style", style, *bad, "-o", str(tmp_path / "x.png")], _parser)
+        assert e.value.code == 2
+        assert f"argument {bad[0]}" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from capvst import images
-from capvst.errors import BadImage, TooLarge, TooSmall
+from capvst.errors import BadImage, InvalidItem, TooLarge, TooSmall
 
 
 def _png(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -169,3 +169,20 @@ def test_unsupported_or_corrupt_formats_are_bad_images():
     for data in (dds, tiff):
         with pytest.raises(BadImage):
             images.decode_image(data)
+
+
+def test_max_size_zero_keeps_full_resolution():
+    assert images.resized_size(4001, 3003, 0) == (4000, 3000)
+    assert images.resize(Image.new("RGB", (1283, 962)), 0).size == (1280, 960)
+    with pytest.raises(InvalidItem):
+        images.resize(Image.new("RGB", (64, 64)), 4)
+
+
+def test_pixel_limit_above_pillows_bomb_limit():
+    """CAPVST_MAX_PIXELS replaces Pillow's bomb limit (2 × 89.5 MP), so it can be raised for
+    panoramas: a 196 MP header opens when the limit allows it."""
+    big = _png(Image.new("1", (14000, 14000)))
+    with pytest.raises(TooLarge):
+        images._open(big, images.DEFAULT_MAX_PIXELS)
+    assert images._open(big, 200_000_000).size == (14000, 14000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # restored

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from capvst.errors import AccessDenied, CapvstError, InvalidItem
 from capvst.manifest import (
     MAX_LINE_BYTES,
+    Item,
     JobOptions,
     RawLine,
     build_item,
@@ -482,9 +483,9 @@ def test_default_output_named_like_the_reserved_folder_is_not_inside_it():
     ({"content": "a.jpg", "style": "x.jpg", "alpha_c": -0.1},
      r"alpha_c: Input should be greater than or equal to 0"),
     ({"content": "a.jpg", "style": "x.jpg", "max_size": 4},
-     r"max_size: Input should be greater than or equal to 8"),
+     r"max_size: Value error, must be 0 \(full resolution\) or between 8 and 8192"),
     ({"content": "a.jpg", "style": "x.jpg", "max_size": 8193},
-     r"max_size: Input should be less than or equal to 8192"),
+     r"max_size: Value error, must be 0 \(full resolution\) or between 8 and 8192"),
     ({"content": "a.jpg", "style": "x.jpg", "max_size": 600.5},
      r"max_size: Input should be a valid integer"),
     ({"content": "a.jpg", "style": "x.jpg", "mode": "Artistic"}, r"mode: Input should be"),
@@ -579,3 +580,38 @@ def test_item_error_for_a_line_that_never_parsed():
 def test_item_error_uses_the_code_of_the_error():
     err = item_error({"content": "a.jpg"}, 2, AccessDenied("outside"))
     assert err.code == "access_denied" and err.content == "a.jpg"
+
+
+# --- full resolution and tiling ------------------------------------------------------------------
+def test_max_size_zero_is_full_resolution_and_not_the_default():
+    assert build({"content": "a.jpg", "style": "x.jpg", "max_size": 0}).max_size == 0
+    assert build({"content": "a.jpg", "style": "x.jpg"}, options=JobOptions(max_size=0)
+                 ).max_size == 0
+    assert build({"content": "a.jpg", "style": "x.jpg", "max_size": 512},
+                 options=JobOptions(max_size=0)).max_size == 512
+    for bad in (4, -1, 9000, True):
+        with pytest.raises(InvalidItem, match="max_size"):
+            build({"content": "a.jpg", "style": "x.jpg", "max_size": bad})
+
+
+@pytest.mark.parametrize("value,want", [("auto", "auto"), ("OFF", "off"), (1024, 1024),
+                                        ("2048", 2048), (512.0, 512)])
+def test_tile_field(value, want):
+    assert build({"content": "a.jpg", "style": "x.jpg", "tile": value}).tile == want
+
+
+@pytest.mark.parametrize("value", ["big", 32, 0, True, 100.5, [512]])
+def test_tile_field_refuses_bad_values(value):
+    with pytest.raises(InvalidItem, match="tile"):
+        build({"content": "a.jpg", "style": "x.jpg", "tile": value})
+
+
+def test_tile_defaults_to_the_job_option_and_reads_from_csv():
+    assert build({"content": "a.jpg", "style": "x.jpg"}).tile == "auto"
+    assert build({"content": "a.jpg", "style": "x.jpg"}, options=JobOptions(tile=1024)
+                 ).tile == 1024
+    header = parse_csv_header("content,style,max_size,tile")
+    item = build_item(parse_line("a.jpg,x.jpg,0,768", "csv", header), 2,
+                      "s3://bk/m/manifest.csv", "s3://out/run", JobOptions())
+    assert (item.max_size, item.tile) == (0, 768)
+    assert Item.model_validate_json(item.model_dump_json()).tile == 768

@@ -1,0 +1,74 @@
+"""How much memory one stylization may use, and what an image needs untiled or tiled.
+
+No service imports; PyTorch is imported only to ask a GPU for its free memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+#: Share of the free GPU memory, or of the available RAM, that the default budget takes.
+GPU_SHARE = 0.8
+CPU_SHARE = 0.6
+#: Peak bytes per pixel of one encode or decode (float32, inference mode, the input and the
+#: result included): 668 measured for both configurations at 1024×1024 on a CPU
+#: (docs/PERFORMANCE.md), plus a 15 % margin.
+ACTIVATION_BYTES_PER_PIXEL = 768
+#: Latent bytes per image pixel (32 float32 channels per pixel in both configurations).
+LATENT_BYTES_PER_PIXEL = 128
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def available_ram() -> int:
+    """Bytes this process can still allocate: MemAvailable, lowered by a cgroup limit."""
+    avail: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 4 << 30
+    # cgroup v2, then v1: the container's own limit minus what it uses already
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and limit < (1 << 60):
+            avail = min(avail, max(0, limit - (usage or 0)))
+            break
+    return avail
+
+
+def default_budget(device: Any) -> int:
+    """A safe share of the device's free memory (GPU) or of the available RAM (CPU)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_SHARE)
+    return int(available_ram() * CPU_SHARE)
+
+
+def untiled_bytes(height: int, width: int) -> int:
+    """Estimated peak of encoding or decoding a whole image at once."""
+    return height * width * ACTIVATION_BYTES_PER_PIXEL
