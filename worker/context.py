@@ -55,7 +55,7 @@ class WorkerContext:
                 s = self.settings
                 dtype = torch.float64 if s.transform_dtype == "float64" else torch.float32
                 self.stylizers[mode] = Stylizer(self.models[mode], s.device, dtype,
-                                                s.style_cache_size)
+                                                s.style_cache_size, s.precision)
             return self.stylizers[mode]
 
     def model_id(self, mode: Mode) -> str | None:
