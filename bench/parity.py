@@ -2,6 +2,7 @@
 the original code's outputs in tests/data/reference, at a network precision.
 
     python bench/parity.py [--device cuda] [--precision float32] [--transform-dtype float64]
+                           [--max-case-size N]
 
 Prints each case's largest difference in 8-bit levels and the share of identical values;
 the tolerance is <= 1 level and >= 99.9 % identical.
@@ -35,7 +36,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--transform-dtype", default=os.environ.get("CAPVST_TRANSFORM_DTYPE",
-                                                                "float32"))
+                                                                "float64"))
+    ap.add_argument("--max-case-size", type=int, default=0,
+                    help="skip cases whose max_size is above this (0: run every case)")
     args = ap.parse_args()
     dtype = torch.float64 if args.transform_dtype == "float64" else torch.float32
     ok = True
@@ -44,6 +47,8 @@ def main() -> None:
         stylizers: dict[str, Stylizer] = {}
         print(f"{'case':<38} {'max level':>9} {'identical %':>11}")
         for case in json.loads((REFERENCE / "cases.json").read_text())["cases"]:
+            if args.max_case_size and case["max_size"] > args.max_case_size:
+                continue
             st = stylizers.get(case["weights"])
             if st is None:
                 model = load_model(case["mode"], str(ref / "weights" / f"{case['weights']}.pt"),

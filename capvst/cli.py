@@ -87,8 +87,8 @@ def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    "CAPVST_DEVICE, else auto)")
     p.add_argument("--transform-dtype", choices=("float64", "float32"), default=None,
                    help="precision of the transform's large passes (default "
-                        "CAPVST_TRANSFORM_DTYPE, else float64; float32 is faster, within the "
-                        "parity tolerance; factorisations are float64 either way)")
+                        "CAPVST_TRANSFORM_DTYPE, else float64; float32 is a faster "
+                        "approximation; factorisations are float64 either way)")
     p.add_argument("--format", choices=(*OUTPUT_FORMATS, *VIDEO_FORMATS), default=None,
                    help="output format when OUT is a folder (default png); for a video: mp4, "
                         "webm or frames (PNG frames in the folder OUT)")

@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     #: Inputs over this many bytes fail with ``too_large`` before they are read.
     max_input_bytes: int = Field(200_000_000, ge=1)
     #: Precision of the transform's large passes over the features (its small
-    #: factorisations are always float64); docs/MODEL.md gives the measured error of each.
+    #: factorisations are always float64); float32 is an approximation at the edge of the
+    #: parity tolerance (docs/MODEL.md gives the measured error).
     transform_dtype: Literal["float64", "float32"] = "float64"
     #: The network's precision: float32 (TF32 off, matches the reference) or an opt-in faster
     #: one, tf32, bf16 or fp16 (CUDA; docs/PERFORMANCE.md gives each one's measured error).
