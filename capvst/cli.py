@@ -111,8 +111,9 @@ def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N (default "
                    "CAPVST_DEVICE, else auto)")
     p.add_argument("--transform-dtype", choices=("float64", "float32"), default=None,
-                   help="precision of the transform (default float64, the original's; float32 "
-                        "is a faster approximation)")
+                   help="precision of the transform's large passes (default "
+                        "CAPVST_TRANSFORM_DTYPE, else float64; float32 is a faster "
+                        "approximation; factorisations are float64 either way)")
     p.add_argument("--format", choices=(*OUTPUT_FORMATS, *VIDEO_FORMATS), default=None,
                    help="output format when OUT is a folder (default png); for a video: mp4, "
                         "webm or frames (PNG frames in the folder OUT)")
@@ -219,7 +220,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         dtype = {"float64": torch.float64, "float32": torch.float32}[
             args.transform_dtype or settings.transform_dtype]
         stylizer = Stylizer(model, args.device or settings.device, dtype,
-                            settings.style_cache_size, settings.memory_budget)
+                            settings.style_cache_size, settings.memory_budget,
+                            settings.precision)
     except CapvstError as exc:
         raise _Fail(exc.message) from None
 

@@ -79,7 +79,8 @@ def cmd_stylize_video(args: argparse.Namespace, settings: Settings, store: Stora
     dtype = {"float64": torch.float64, "float32": torch.float32}[
         args.transform_dtype or settings.transform_dtype]
     stylizer = Stylizer(model, args.device or settings.device, dtype,
-                        max(settings.style_cache_size, len(args.style)))
+                        max(settings.style_cache_size, len(args.style)),
+                        memory_budget=settings.memory_budget, precision=settings.precision)
     styles = [decode_image(store.read(s, settings.max_input_bytes), settings.max_pixels)
               for s in args.style]
     style_mask = store.read(args.style_mask, settings.max_input_bytes) if args.style_mask \

@@ -43,12 +43,20 @@ class Settings(BaseSettings):
     max_pixels: int = Field(100_000_000, ge=16)
     #: Inputs over this many bytes fail with ``too_large`` before they are read.
     max_input_bytes: int = Field(200_000_000, ge=1)
-    #: float64 is the original's; float32 is an opt-in approximation (docs/MODEL.md).
+    #: Precision of the transform's large passes over the features (its small
+    #: factorisations are always float64); float32 is an approximation at the edge of the
+    #: parity tolerance (docs/MODEL.md gives the measured error).
     transform_dtype: Literal["float64", "float32"] = "float64"
     #: Bytes one stylization may use; images that do not fit run in exact tiles (``--tile
     #: auto``). Unset: 80% of the free GPU memory, or 60% of the available RAM (cgroup
     #: limit included) on a CPU, measured when each image starts.
     memory_budget: int | None = Field(None, ge=1 << 26)
+    #: The network's precision: float32 (TF32 off, matches the reference) or an opt-in faster
+    #: one, tf32, bf16 or fp16 (CUDA; docs/PERFORMANCE.md gives each one's measured error).
+    precision: Literal["float32", "tf32", "bf16", "fp16"] = "float32"
+    #: Items with the same styles, options and resized size that go through the network
+    #: together (1 turns batching off); memory on the device grows with it.
+    batch_size: int = Field(4, ge=1, le=256)
     #: Style statistics kept per worker process (least recently used are dropped).
     style_cache_size: int = Field(64, ge=0)
     #: Retries of a transient fault within one delivery, with exponential backoff.
@@ -101,8 +109,9 @@ class Settings(BaseSettings):
     #: Threads per worker process that encode and upload finished images.
     encode_threads: int = Field(2, ge=1, le=64)
     #: Items in flight per worker process (fetched, on the device, or being written): bounds
-    #: the memory of the pipeline.
-    inflight_items: int = Field(6, ge=1, le=256)
+    #: the memory of the pipeline. Batches form only from items in flight, so keep it at
+    #: least twice ``batch_size``.
+    inflight_items: int = Field(10, ge=1, le=256)
     #: Results are recorded in Redis in batches, at least this often (seconds).
     flush_seconds: float = Field(2.0, gt=0.0)
     #: Benchmarks only: replace the network by a pause of this many seconds per item (the

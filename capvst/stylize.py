@@ -47,17 +47,55 @@ def _is_oom(exc: BaseException) -> bool:
                                               or "can't allocate memory" in text)
 
 
+#: Opt-in reduced precisions of the network (``CAPVST_PRECISION``); docs/PERFORMANCE.md
+#: gives each one's measured error against ``float32``.
+PRECISIONS = ("float32", "tf32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def set_numerics(device: torch.device, precision: str = "float32") -> None:
+    """Make the device's float32 numerics explicit: TF32 (matmul and cuDNN) only when asked.
+
+    PyTorch lets cuDNN use TF32 by default, which would move GPU results away from the
+    reference; these are process-wide switches, and a worker process serves one precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type != "cuda":
+        return
+    tf32 = precision == "tf32"
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        # the newer switches; mixing them with allow_tf32 is refused by some releases
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+        state = f"matmul {matmul.fp32_precision}, cudnn conv {cudnn.conv.fp32_precision}"
+    else:
+        matmul.allow_tf32 = tf32
+        cudnn.allow_tf32 = tf32
+        state = f"matmul tf32 {matmul.allow_tf32}, cudnn tf32 {cudnn.allow_tf32}"
+    cudnn.benchmark = False  # the same algorithms run to run: the same pixels
+    log.info("float32 numerics on %s: %s (precision %s)", device, state, precision)
+
+
+StyleKey = tuple[str | None, ...]
+
+
 class Stylizer:
     """Holds one network on one device and caches style statistics by key.
 
     Thread-safe for the cache; model calls are serialised by a lock so one process never runs
-    two forward passes on the same device at once.
+    two forward passes on the same device at once. ``transform_dtype`` is the precision of the
+    transform's large passes (its small factorisations are always float64); ``precision``
+    the network's (``float32`` unless opted in to a faster one).
     """
 
     def __init__(self, model: LoadedModel, device: str | torch.device = "auto",
                  transform_dtype: torch.dtype = torch.float64, style_cache_size: int = 64,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None, precision: str = "float32") -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        set_numerics(self.device, precision)
+        self.precision = precision
         self.net = model.net.to(self.device)
         self.mode: Mode = model.mode
         self.model_id = model.model_id
@@ -66,7 +104,8 @@ class Stylizer:
         #: Bytes one stylization may use (``CAPVST_MEMORY_BUDGET``); None: a share of what the
         #: device has free at the time.
         self.memory_budget = memory_budget
-        self._cache: OrderedDict[tuple[str, int], cwct.Moments] = OrderedDict()
+        self._cache: OrderedDict[tuple[str | int | None, ...],
+                                 cwct.Moments | cwct.LabelMoments] = OrderedDict()
         self._lock = threading.RLock()
         self.cache_hits = 0
         self.cache_misses = 0
@@ -85,64 +124,118 @@ class Stylizer:
             raise OutOfMemory(f"out of memory while {what} on {self.device}; "
                               "use a smaller max_size or tile") from None
 
+    @contextmanager
+    def _numerics(self) -> Iterator[None]:
+        dtype = _AUTOCAST.get(self.precision)
+        if dtype is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=dtype):
+                yield
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Latents ``[B, C, h, w]`` (float32) of a batch of images ``[B, 3, H, W]``."""
+        with self._lock, torch.inference_mode(), self._memory_policy("encoding"), \
+                self._numerics():
+            return self.net(x.to(self.device)).float()
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` (float32, not clamped) of a batch of latents."""
+        with self._lock, torch.inference_mode(), self._memory_policy("decoding"), \
+                self._numerics():
+            return self.net.inverse(z).float()
+
     def encode(self, img: Image.Image) -> Tensor:
         """Latent of an already resized RGB image."""
-        x = images.to_tensor(img).to(self.device)
-        with self._lock, torch.inference_mode(), self._memory_policy("encoding"):
-            return self.net(x)
+        return self.forward(images.to_tensor(img))
 
     def decode(self, latent: Tensor) -> np.ndarray:
         """8-bit HWC pixels of a latent (the original's clamp and truncation)."""
-        with self._lock, torch.inference_mode(), self._memory_policy("decoding"):
-            return images.to_uint8(self.net.inverse(latent))
+        return images.to_uint8(self.inverse(latent))
+
+    def _cached(self, ck: tuple[str | int | None, ...] | None
+                ) -> cwct.Moments | cwct.LabelMoments | None:
+        if ck is None:
+            return None
+        with self._lock:
+            hit = self._cache.get(ck)
+            if hit is not None:
+                self._cache.move_to_end(ck)
+                self.cache_hits += 1
+            return hit
+
+    def _remember(self, ck: tuple[str | int | None, ...] | None,
+                  stats: cwct.Moments | cwct.LabelMoments) -> None:
+        if ck is None or self.style_cache_size <= 0:
+            return
+        with self._lock:
+            self.cache_misses += 1
+            self._cache[ck] = stats
+            while len(self._cache) > self.style_cache_size:
+                self._cache.popitem(last=False)
 
     def style_moments(self, style: StyleSource, max_size: int, key: str | None = None,
                       tile: TileOption = "auto") -> cwct.Moments:
         """Statistics of a style image, from the cache when ``key`` was seen at this size.
 
-        A style too large for the memory budget is encoded in tiles (same statistics).
+        ``key`` must name the style's content exactly (the workers use URI and ETag); the
+        cache is per Stylizer, that is per model. A style too large for the memory budget is
+        encoded in tiles (the same statistics).
         """
         ck = (key, max_size) if key is not None else None
-        if ck is not None:
-            with self._lock:
-                hit = self._cache.get(ck)
-                if hit is not None:
-                    self._cache.move_to_end(ck)
-                    self.cache_hits += 1
-                    return hit
+        hit = self._cached(ck)
+        if isinstance(hit, cwct.Moments):
+            return hit
         img = images.resize(style() if callable(style) else style, max_size)
-        side = self.tile_side(img.size[1], img.size[0], tile)
+        height, width = img.size[1], img.size[0]
+        side = self.tile_side(height, width, tile)
+        stats: cwct.Moments | None = None
         if side is None:
             try:
                 latent = self.encode(img)
                 with self._memory_policy("computing style statistics"):
                     stats = cwct.style_moments(latent, self.transform_dtype)
             except OutOfMemory:
-                if tile == "off":
+                side = None if tile == "off" else self._smaller(height, width, None)
+                if side is None:
                     raise
-                side = self._smaller(img.size[1], img.size[0], None)
-        while side is not None:
+        while stats is None:
+            assert side is not None
             try:
                 with self._lock, self._memory_policy("computing style statistics in tiles"):
                     stats = tiled.image_moments(self.net, np.asarray(img), side,
                                                 self.transform_dtype)
-                break
             except OutOfMemory:
-                side = self._smaller(img.size[1], img.size[0], side)
-                if side is None:
+                smaller = self._smaller(height, width, side)
+                if smaller is None:
                     raise
-        if ck is not None and self.style_cache_size > 0:
-            with self._lock:
-                self.cache_misses += 1
-                self._cache[ck] = stats
-                while len(self._cache) > self.style_cache_size:
-                    self._cache.popitem(last=False)
+                side = smaller
+        self._remember(ck, stats)
         return stats
 
-    def has_style(self, key: str, max_size: int) -> bool:
-        """Whether statistics for ``key`` at ``max_size`` are cached."""
+    def label_moments(self, style: StyleSource, style_mask: images.Source, max_size: int,
+                      key: str | None = None, mask_key: str | None = None
+                      ) -> cwct.LabelMoments:
+        """Per-label statistics of a style under its mask, cached when both have keys."""
+        ck = ("mask", key, mask_key, max_size) if key is not None and mask_key is not None \
+            else None
+        hit = self._cached(ck)
+        if isinstance(hit, cwct.LabelMoments):
+            return hit
+        s_img = images.resize(style() if callable(style) else style, max_size)
+        s_mask = images.decode_mask(style_mask, s_img.size)
+        latent = self.encode(s_img)
+        with self._memory_policy("computing style statistics"):
+            stats = cwct.label_moments(latent, s_mask, self.transform_dtype)
+        self._remember(ck, stats)
+        return stats
+
+    def has_style(self, key: str, max_size: int, mask_key: str | None = None) -> bool:
+        """Whether statistics for ``key`` (under the mask ``mask_key``) at ``max_size`` are
+        cached."""
+        ck = (key, max_size) if mask_key is None else ("mask", key, mask_key, max_size)
         with self._lock:
-            return (key, max_size) in self._cache
+            return ck in self._cache
 
     def device_memory(self) -> int:
         """Bytes held on this model's device: CUDA memory reserved by PyTorch's allocator,
@@ -198,6 +291,15 @@ class Stylizer:
         return side
 
     # -- the whole pipeline ----------------------------------------------------------------
+    def _checked(self, styles: Sequence[StyleSource], weights: Sequence[float] | None,
+                 alpha_c: float) -> tuple[float, list[float] | None]:
+        if not styles:
+            raise InvalidItem("at least one style is needed")
+        try:
+            return cwct.check_alpha(alpha_c), cwct.check_weights(len(styles), weights)
+        except ValueError as exc:
+            raise InvalidItem(str(exc)) from None
+
     def stylize(self, content: Image.Image, styles: Sequence[StyleSource], *,
                 weights: Sequence[float] | None = None, alpha_c: float = 0.0,
                 max_size: int = images.DEFAULT_MAX_SIZE,
@@ -205,23 +307,19 @@ class Stylizer:
                 style_mask: images.Source | None = None,
                 style_keys: Sequence[str | None] | None = None,
                 tile: TileOption = "auto",
-                progress: tiled.Progress | None = None) -> np.ndarray:
+                progress: tiled.Progress | None = None,
+                mask_key: str | None = None) -> np.ndarray:
         """Stylize decoded RGB ``content`` with one style or a weighted mix; HWC uint8 out.
 
         Images are resized here by the original's rule (``max_size`` 0: full resolution).
-        Masks (both or neither, one style only) switch to the per-label transform. ``tile``:
-        ``auto`` runs the image whole when it fits the memory budget and in exact tiles
-        otherwise (docs/MODEL.md); ``off``; or a tile side in pixels. Running out of memory
-        retries in smaller tiles unless ``tile`` is ``off``. ``progress(done, total)`` is
-        called after each tile.
+        Masks (both or neither, one style only) switch to the per-label transform;
+        ``mask_key`` names the style mask's content for the cache, as ``style_keys`` name
+        the styles'. ``tile``: ``auto`` runs the image whole when it fits the memory budget
+        and in exact tiles otherwise (docs/MODEL.md); ``off``; or a tile side in pixels.
+        Running out of memory retries in smaller tiles unless ``tile`` is ``off``.
+        ``progress(done, total)`` is called after each tile.
         """
-        if not styles:
-            raise InvalidItem("at least one style is needed")
-        try:
-            alpha_c = cwct.check_alpha(alpha_c)
-            weights = cwct.check_weights(len(styles), weights)
-        except ValueError as exc:
-            raise InvalidItem(str(exc)) from None
+        alpha_c, weights = self._checked(styles, weights, alpha_c)
         if (content_mask is None) != (style_mask is None):
             raise InvalidItem("masks come in pairs: give both content_mask and style_mask")
         if content_mask is not None and len(styles) != 1:
@@ -232,8 +330,8 @@ class Stylizer:
         side = self.tile_side(height, width, tile)
         if side is None:
             try:
-                return self._whole(c_img, styles, weights, alpha_c, max_size, content_mask,
-                                   style_mask, keys, tile)
+                return self._whole(content, c_img, styles, weights, alpha_c, max_size,
+                                   content_mask, style_mask, keys, tile, mask_key)
             except OutOfMemory:
                 if tile == "off":
                     raise
@@ -250,24 +348,20 @@ class Stylizer:
                     raise
                 side = smaller
 
-    def _whole(self, c_img: Image.Image, styles: Sequence[StyleSource],
+    def _whole(self, content: Image.Image, c_img: Image.Image, styles: Sequence[StyleSource],
                weights: Sequence[float] | None, alpha_c: float, max_size: int,
                content_mask: images.Source | None, style_mask: images.Source | None,
-               keys: Sequence[str | None], tile: TileOption) -> np.ndarray:
+               keys: Sequence[str | None], tile: TileOption, mask_key: str | None
+               ) -> np.ndarray:
+        if content_mask is None or style_mask is None:
+            return self.stylize_batch([content], styles, weights=weights, alpha_c=alpha_c,
+                                      max_size=max_size, style_keys=keys, tile=tile)[0]
+        alpha_c, weights = self._checked(styles, weights, alpha_c)
+        c_mask = images.decode_mask(content_mask, c_img.size)
+        stats = self.label_moments(styles[0], style_mask, max_size, keys[0], mask_key)
         z_c = self.encode(c_img)
-        if content_mask is not None and style_mask is not None:
-            s0 = styles[0]
-            s_img = images.resize(s0() if callable(s0) else s0, max_size)
-            c_mask = images.decode_mask(content_mask, c_img.size)
-            s_mask = images.decode_mask(style_mask, s_img.size)
-            z_s = self.encode(s_img)
-            with self._memory_policy("transforming"):
-                z_cs = cwct.transfer_masked(z_c, z_s, c_mask, s_mask, alpha_c,
-                                            self.transform_dtype)
-        else:
-            stats = [self.style_moments(s, max_size, k, tile) for s, k in zip(styles, keys)]
-            with self._memory_policy("transforming"):
-                z_cs = cwct.transfer(z_c, stats, weights, alpha_c, self.transform_dtype)
+        with self._memory_policy("transforming"), torch.inference_mode():
+            z_cs = cwct.transfer_labels(z_c, c_mask, stats, alpha_c, self.transform_dtype)
         return self.decode(z_cs)
 
     def _tiled(self, c_img: Image.Image, styles: Sequence[StyleSource],
@@ -317,6 +411,39 @@ class Stylizer:
                                     progress=progress, done=done, total=total)
         finally:
             store.close()
+
+
+    def stylize_batch(self, contents: Sequence[Image.Image], styles: Sequence[StyleSource], *,
+                      weights: Sequence[float] | None = None, alpha_c: float = 0.0,
+                      max_size: int = images.DEFAULT_MAX_SIZE,
+                      style_keys: Sequence[str | None] | None = None,
+                      tile: TileOption = "auto") -> list[np.ndarray]:
+        """Stylize several contents with the same styles and options; HWC uint8 out, in order.
+
+        Contents that have the same size after the resize go through the network together
+        (the caller bounds how many: memory grows with the batch); the transform runs per
+        image, so each output is the one :meth:`stylize` gives within float rounding.
+        Errors are not per item: a caller that needs per-item results runs the items one by
+        one after a failure. The contents run whole (use :meth:`stylize` for one that needs
+        tiles); ``tile`` applies to the styles.
+        """
+        alpha_c, weights = self._checked(styles, weights, alpha_c)
+        keys = list(style_keys) if style_keys is not None else [None] * len(styles)
+        resized = [images.resize(c, max_size) for c in contents]
+        stats = [self.style_moments(s, max_size, k, tile) for s, k in zip(styles, keys)]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(resized):
+            groups.setdefault(img.size, []).append(i)
+        out: list[np.ndarray | None] = [None] * len(resized)
+        for idx in groups.values():
+            z = self.forward(torch.cat([images.to_tensor(resized[i]) for i in idx]))
+            with self._memory_policy("transforming"), torch.inference_mode():
+                for b in range(len(idx)):
+                    z[b] = cwct.transfer(z[b], stats, weights, alpha_c, self.transform_dtype)
+            y = self.inverse(z)
+            for b, i in enumerate(idx):
+                out[i] = images.to_uint8(y[b:b + 1])
+        return [o for o in out if o is not None]
 
 
 def _labels_at(mask: np.ndarray, height: int, width: int) -> np.ndarray:

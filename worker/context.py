@@ -60,7 +60,8 @@ class WorkerContext:
                 dtype = torch.float64 if s.transform_dtype == "float64" else torch.float32
                 # tiling is chosen per image by this worker's own device memory
                 self.stylizers[mode] = Stylizer(self.models[mode], s.device, dtype,
-                                                s.style_cache_size, s.memory_budget)
+                                                s.style_cache_size, s.memory_budget,
+                                                s.precision)
             return self.stylizers[mode]
 
     def after_model(self, mode: Mode) -> None:

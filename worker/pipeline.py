@@ -5,7 +5,10 @@ Three stages per worker process, connected by bounded windows so memory stays fl
 1. fetch/decode (a thread pool): skip the item if its output exists, read and decode the
    content, resize it by the original's rule, read the styles whose statistics are not
    cached, read the masks;
-2. the model (the task's own thread, which owns the device);
+2. the model (the task's own thread, which owns the device): consecutive items with the same
+   styles, options and resized size go through the network together, up to
+   ``CAPVST_BATCH_SIZE``; when a batch fails, its items run again one by one, so each gets
+   its own result;
 3. encode/upload (a thread pool): encode the image and write it create-only, tagged with
    the job and line that wrote it.
 
@@ -57,6 +60,7 @@ class Prepared:
     styles: list[Any] = field(default_factory=list)
     keys: list[str | None] = field(default_factory=list)
     masks: tuple[bytes | None, bytes | None] = (None, None)
+    mask_key: str | None = None
     result: ItemResult | None = None
     #: Seconds per stage (capvst.metrics.STAGES), summed over retries.
     stages: dict[str, float] = field(default_factory=dict)
@@ -81,6 +85,8 @@ class ChunkOutcome:
     failed: int = 0
     codes: dict[str, int] = field(default_factory=dict)
     resent: int = 0
+    #: items that went through the network in batches of more than one
+    batched: int = 0
     note: str = ""
 
     @property
@@ -96,6 +102,7 @@ class ChunkOutcome:
         return {"outcome": self.label, "items": self.items, "processed": self.processed,
                 "succeeded": self.succeeded, "skipped": self.skipped, "failed": self.failed,
                 "codes": dict(sorted(self.codes.items())), "resent": self.resent,
+                "batched": self.batched,
                 "note": self.note}
 
 
@@ -123,7 +130,8 @@ class ChunkRunner:
         self.deaths: dict[int, int] = {}
         self.pending: list[ItemResult] = []
         self.done_lines: set[int] = set()
-        self.current: Prepared | None = None
+        #: the items on the device (one, or a batch), for the soft time limit
+        self.current: list[Prepared] = []
         self.current_since = 0.0
         self._lock = threading.Lock()
         self._etags: dict[str, str | None] = {}
@@ -325,20 +333,14 @@ class ChunkRunner:
 
         p.content = decode(read(item.content), item.max_size)
         masked = item.content_mask is not None and item.style_mask is not None
+        p.mask_key = self._version(item.style_mask) if item.style_mask is not None else None
         p.styles, p.keys = [], []
         for uri in item.styles:
-            with self._lock:
-                known = uri in self._etags
-            etag = self._etags[uri] if known else p.timed("fetch", lambda u=uri: st.etag(u))
-            with self._lock:
-                self._etags[uri] = etag
-            key = f"{uri}#{etag}" if etag else None
-            if key is not None and not masked and stylizer is not None \
-                    and stylizer.has_style(key, item.max_size):
-                # cached: read only if the statistics were evicted meanwhile (then the read
-                # counts as model time: it happens on the device's thread)
-                p.styles.append(lambda u=uri: images.decode_image(
-                    st.read(u, s.max_input_bytes), s.max_pixels))
+            key = self._version(uri)
+            if key is not None and stylizer is not None and (not masked or p.mask_key) \
+                    and stylizer.has_style(key, item.max_size, p.mask_key):
+                # cached: read only if the statistics were evicted meanwhile
+                p.styles.append(lambda u=uri: images.decode_image(read(u), s.max_pixels))
             else:
                 p.styles.append(decode(read(uri)))
             p.keys.append(key)
@@ -346,10 +348,64 @@ class ChunkRunner:
             assert item.content_mask is not None and item.style_mask is not None
             p.masks = (read(item.content_mask), read(item.style_mask))
 
+    def _version(self, uri: str) -> str | None:
+        """``uri#etag``: names one version of an object for the style cache (None: no ETag,
+        not cached). Asked once per chunk and object."""
+        with self._lock:
+            known = uri in self._etags
+        etag = self._etags[uri] if known else self.ctx.storage.etag(uri)
+        with self._lock:
+            self._etags[uri] = etag
+        return f"{uri}#{etag}" if etag else None
+
+    def _batch_key(self, p: Prepared) -> tuple[Any, ...] | None:
+        """Items with equal keys may share a batch on the device; None: always alone."""
+        item = p.item
+        if self.s.standin_model_seconds is not None or item.content_mask is not None \
+                or item.style_mask is not None or p.content is None:
+            return None
+        try:  # an image that needs tiles runs alone
+            width, height = p.content.size
+            if self.ctx.stylizer(item.mode).tile_side(height, width, item.tile) is not None:
+                return None
+        except CapvstError:
+            return None
+        return (item.mode, tuple(item.styles), tuple(p.keys),
+                None if item.style_weights is None else tuple(item.style_weights),
+                item.alpha_c, item.max_size, tuple(p.content.size))
+
+    def _model_batch(self, group: list[Prepared]) -> list[Any]:
+        """Outputs of a batch; after any failure its items run one by one instead."""
+        if len(group) == 1:
+            return [self._model(group[0])]
+        first = group[0]
+        t0 = time.monotonic()
+        self.current, self.current_since = group, t0
+        try:
+            stylizer = self.ctx.stylizer(first.item.mode)
+            outs = stylizer.stylize_batch(
+                [p.content for p in group], first.styles, weights=first.item.style_weights,
+                alpha_c=first.item.alpha_c, max_size=first.item.max_size,
+                style_keys=first.keys, tile=first.item.tile)
+        except self.passthrough:
+            raise
+        except Exception as exc:  # per-item results (and retries) from the single path
+            log.warning("a batch of %d items failed (%s: %s); running them one by one",
+                        len(group), type(exc).__name__, exc)
+            self.current = []
+            return [self._model(p) for p in group]
+        self.outcome.batched += len(group)
+        share = (time.monotonic() - t0) / len(group)
+        for p in group:
+            p.stages["model"] = share
+        self.current = []
+        self.ctx.after_model(first.item.mode)
+        return outs
+
     def _model(self, p: Prepared) -> Any:
         item = p.item
         t0 = time.monotonic()
-        self.current, self.current_since = p, t0
+        self.current, self.current_since = [p], t0
         if self.s.standin_model_seconds is not None:
             time.sleep(self.s.standin_model_seconds)
             import numpy as np
@@ -360,10 +416,10 @@ class ChunkRunner:
             out = self._retrying(p, "stylizing", lambda: stylizer.stylize(
                 p.content, p.styles, weights=item.style_weights, alpha_c=item.alpha_c,
                 max_size=item.max_size, content_mask=p.masks[0], style_mask=p.masks[1],
-                style_keys=p.keys, tile=item.tile))
+                style_keys=p.keys, mask_key=p.mask_key, tile=item.tile))
             self.ctx.after_model(item.mode)
         p.stages["model"] = time.monotonic() - t0
-        self.current = None  # left set when the time limit interrupts the model
+        self.current = []  # left set when the time limit interrupts the model
         return out
 
     def _write(self, p: Prepared, pixels: Any) -> ItemResult:
@@ -382,6 +438,24 @@ class ChunkRunner:
         if p.result is not None:
             return p.result
         return self._done(p, "succeeded" if written else "skipped")
+
+    def _next_batch(self, p: Prepared, fetches: deque[tuple[Item, Future[Prepared]]]
+                    ) -> list[Prepared]:
+        """``p`` and the items right after it that may share its batch (their fetches are
+        already in flight: waiting for them keeps the batch whole)."""
+        group = [p]
+        key = self._batch_key(p)
+        while key is not None and fetches and len(group) < self.s.batch_size:
+            q = fetches[0][1].result()
+            if q.result is not None:  # ended early (output exists, bad input): record it
+                fetches.popleft()
+                self.add(q.result)
+                continue
+            if self._batch_key(q) != key:
+                break
+            fetches.popleft()
+            group.append(q)
+        return group
 
     def _pipeline(self, items: list[Item], isolated: bool) -> None:
         window = 1 if isolated else self.s.inflight_items
@@ -415,10 +489,14 @@ class ChunkRunner:
                 item, fut = fetches.popleft()
                 p = fut.result()
                 if p.result is None:
-                    pixels = self._model(p)
-                    if p.result is None:
-                        writes.append(encode_pool.submit(self._write, p, pixels))
-                if p.result is not None:
+                    group = [p] if isolated else self._next_batch(p, fetches)
+                    for q, pixels in zip(group, self._model_batch(group)):
+                        if q.result is None:
+                            writes.append(encode_pool.submit(self._write, q, pixels))
+                        else:
+                            self.ctx.metrics.stages(q.stages)  # ended before the writer
+                            self.add(q.result)
+                else:
                     self.ctx.metrics.stages(p.stages)  # ended before the writer
                     self.add(p.result)
                 if isolated:
@@ -445,9 +523,11 @@ class ChunkRunner:
             self._writes = writes
 
     # -- the soft time limit -------------------------------------------------------------------
-    def on_soft_timeout(self) -> list[Item]:
+    def on_soft_timeout(self) -> list[list[Item]]:
         """The soft limit hit: finish what is being written, fail the item on the device if
-        it used most of the budget, and return the unfinished items to send again."""
+        it used most of the budget, and return the unfinished items to send again, in
+        chunks: a batch that used most of the budget goes back one item per chunk, so the
+        slow item is found and failed alone."""
         limit = self.s.soft_time_limit
         writes = getattr(self, "_writes", [])
         if writes:
@@ -455,13 +535,20 @@ class ChunkRunner:
             for f in writes:
                 if f.done() and not f.cancelled() and f.exception() is None:
                     self.add(f.result())
-        current, since = self.current, self.current_since
+        current, since = list(self.current), self.current_since
         rest = [i for i in getattr(self, "_unfinished", self.items)
                 if i.line not in self.done_lines]
-        if current is not None and time.monotonic() - since >= limit / 2:
-            self.add(self._failed(current.item, "timeout",
-                                  f"ran past the time limit of {limit} s",
-                                  seconds=time.monotonic() - since))
-            rest = [i for i in rest if i.line != current.item.line]
-        self.outcome.resent = len(rest)
-        return rest
+        chunks: list[list[Item]] = []
+        if current and time.monotonic() - since >= limit / 2:
+            if len(current) == 1:
+                self.add(self._failed(current[0].item, "timeout",
+                                      f"ran past the time limit of {limit} s",
+                                      seconds=time.monotonic() - since))
+            else:
+                chunks = [[p.item] for p in current if p.item.line not in self.done_lines]
+            on_device = {p.item.line for p in current}
+            rest = [i for i in rest if i.line not in on_device]
+        if rest:
+            chunks.insert(0, rest)
+        self.outcome.resent = sum(len(c) for c in chunks)
+        return chunks

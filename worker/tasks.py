@@ -206,9 +206,9 @@ def stylize(self: Task, job: str, items: list[dict[str, Any]]) -> dict[str, Any]
             try:
                 outcome = runner.run()
             except SoftTimeLimitExceeded:
-                rest = runner.on_soft_timeout()
+                chunks = runner.on_soft_timeout()
                 runner.flush(force=True)
-                if rest:
+                for rest in chunks:
                     ctx.send(TaskNames.STYLIZE.value,
                              dict(job=payload.job, items=[i.model_dump() for i in rest]),
                              f"job={payload.job} items={len(rest)} (after a soft timeout)")

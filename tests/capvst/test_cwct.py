@@ -144,3 +144,99 @@ def test_masked_transfer_keeps_unselected_positions():
     m_o, _ = _stats(out.reshape(4, -1)[:, sel])
     m_s, _ = _stats(s.reshape(4, -1)[:, torch.from_numpy((sm == 1).reshape(-1))])
     assert torch.allclose(m_o, m_s, atol=1e-9)
+
+
+# --- the folded transform ------------------------------------------------------------------
+def _reference_transfer(c, styles, weights, alpha_c):
+    """The original's float64 computation: whiten with inv(Lc), colour with the mixed factor
+    (the content's own re-inverted from inv(Lc)), add the mixed mean."""
+    def mom(x):
+        m, cov = _stats(x)
+        return m, torch.linalg.cholesky(cov)
+
+    mc, lc = mom(c)
+    inv_lc = torch.linalg.inv(lc)
+    white = inv_lc @ (c - mc[:, None])
+    if len(styles) == 1 and alpha_c == 0.0 and weights is None:
+        ms, ls = mom(styles[0])
+    else:
+        w = weights or [1.0 / len(styles)] * len(styles)
+        parts = [mom(s) for s in styles]
+        ms = sum(k * m for k, (m, _l) in zip(w, parts))
+        ls = sum(k * fac for k, (_m, fac) in zip(w, parts))
+        ls = ls * (1 - alpha_c) + torch.linalg.inv(inv_lc) * alpha_c
+        ms = ms * (1 - alpha_c) + mc * alpha_c
+    return ls @ white + ms[:, None]
+
+
+@pytest.mark.parametrize("weights,alpha_c,n_styles", [
+    (None, 0.0, 1), ([1.0], 0.0, 1), (None, 0.6, 1), ([0.3, 0.7], 0.0, 2),
+    ([0.2, 0.5, 0.3], 0.25, 3)])
+def test_affine_map_equals_the_reference_transform(weights, alpha_c, n_styles):
+    c = _feat(32, 2000, 20, 0.7) + 3.0  # an offset far from zero: b must carry it
+    styles = [_feat(32, 1500 + 100 * k, 21 + k, 1.5) for k in range(n_styles)]
+    own = cwct.style_moments(c.reshape(32, 40, 50))
+    stats = [cwct.style_moments(s.reshape(32, 1, -1)) for s in styles]
+    a, b = cwct.affine_map(own, stats, weights, alpha_c)
+    assert a.shape == (32, 32) and b.shape == (32,) and a.dtype == b.dtype == torch.float64
+    want = _reference_transfer(c, styles, weights, alpha_c)
+    got = a @ c + b[:, None]
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-10
+    # and transfer() is this map, in float64 and (within float32 rounding) in float32
+    full = cwct.transfer(c.reshape(32, 40, 50), stats, weights, alpha_c).reshape(32, -1)
+    assert ((full - want).abs().max() / want.abs().max()).item() < 1e-10
+    f32 = cwct.transfer(c.float().reshape(32, 40, 50), stats, weights, alpha_c,
+                        dtype=torch.float32)
+    assert f32.dtype == torch.float32
+    assert ((f32.reshape(32, -1).double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_affine_map_is_the_identity_at_alpha_one():
+    c = _feat(8, 400, 30)
+    s = _feat(8, 300, 31, 2.0)
+    a, b = cwct.affine_map(cwct.style_moments(c.reshape(8, 20, 20)),
+                           [cwct.style_moments(s.reshape(8, 15, 20))], None, 1.0)
+    assert torch.allclose(a, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert b.abs().max().item() < 1e-12
+
+
+def test_large_passes_in_chunks_equal_one_pass(monkeypatch):
+    c = _feat(16, 5000, 40).float().reshape(16, 50, 100)
+    st = [cwct.style_moments(_feat(16, 3000, 41).reshape(16, 30, 100))]
+    whole = cwct.transfer(c, st, dtype=torch.float64)
+    monkeypatch.setattr(cwct, "CHUNK_ELEMENTS", 16 * 1100)  # five chunks, the last short
+    chunked = cwct.transfer(c, st, dtype=torch.float64)
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    assert torch.allclose(cwct.style_moments(c).factor,
+                          cwct.style_moments(c, torch.float32).factor, rtol=1e-4, atol=1e-6)
+
+
+def test_label_moments_reused_across_contents_equal_the_masked_transfer():
+    s = _feat(4, 600, 50, 2.0).reshape(4, 20, 30)
+    sm = np.zeros((20, 30), np.uint8)
+    sm[:, 12:] = 1
+    sm[0, :2] = 3  # two pixels: never selected
+    stats = cwct.label_moments(s, sm)
+    assert set(stats.moments) == {0, 1}
+    for seed in (51, 52):
+        c = _feat(4, 400, seed).reshape(4, 20, 20)
+        cm = np.zeros((20, 20), np.uint8)
+        cm[seed - 45:, :] = 1
+        want = cwct.transfer_masked(c, s, cm, sm)
+        assert torch.equal(cwct.transfer_labels(c, cm, stats), want)
+
+
+def test_a_failing_label_fails_only_contents_that_use_it():
+    s = _feat(4, 400, 60).reshape(4, 20, 20).clone()
+    sm = np.zeros((20, 20), np.uint8)
+    sm[10:] = 1
+    s[:, 10:] = float("nan")  # label 1's statistics cannot be computed
+    stats = cwct.label_moments(s, sm)
+    assert isinstance(stats.moments[1], ModelError)
+    c = _feat(4, 400, 61).reshape(4, 20, 20)
+    only0 = np.zeros((20, 20), np.uint8)
+    assert torch.isfinite(cwct.transfer_labels(c, only0, stats)).all()
+    both = np.zeros((20, 20), np.uint8)
+    both[5:] = 1
+    with pytest.raises(ModelError, match="not finite"):
+        cwct.transfer_labels(c, both, stats)

@@ -195,3 +195,65 @@ def test_a_chunk_with_a_failed_item_says_so_and_reports_its_stages(setup):
     assert by_keys == [["decode", "encode", "fetch", "model", "upload"], ["fetch"]]
     assert all(v >= 0 for s in ctx.metrics.stage_sets for v in s.values())
     assert run(ctx, [item(tmp, 2)], task="t2").as_dict()["outcome"] == "OK"
+
+
+class _BatchingModel:
+    """A stand-in Stylizer: records batches; a batch holding the poison pixel fails, and so
+    does that item alone (the others then succeed one by one)."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.singles = 0
+
+    def has_style(self, *a) -> bool:
+        return False
+
+    def tile_side(self, *a):
+        return None  # every content fits whole
+
+    @staticmethod
+    def _poison(img) -> bool:
+        return img.getpixel((0, 0)) == (1, 2, 3)
+
+    def stylize_batch(self, contents, styles, **kw):
+        import numpy as np
+
+        from capvst.errors import ModelError
+
+        self.batches.append(len(contents))
+        if any(self._poison(c) for c in contents):
+            raise RuntimeError("boom in a batch")
+        if any(c.size != contents[0].size for c in contents):
+            raise ModelError("mixed sizes in one batch")
+        return [np.asarray(c) for c in contents]
+
+    def stylize(self, content, styles, **kw):
+        import numpy as np
+
+        from capvst.errors import ModelError
+
+        self.singles += 1
+        if self._poison(content):
+            raise ModelError("the poison item")
+        return np.asarray(content)
+
+
+def test_batches_form_and_a_failing_batch_runs_one_by_one(setup):
+    from PIL import Image
+
+    ctx, _rec, _sent, tmp = setup
+    ctx.settings = ctx.settings.model_copy(update={"standin_model_seconds": None,
+                                                   "batch_size": 3, "inflight_items": 8})
+    model = _BatchingModel()
+    ctx.stylizers["photorealistic"] = model  # type: ignore[assignment]
+    img = Image.open(tmp / "in" / "c4.png").convert("RGB")
+    img.putpixel((0, 0), (1, 2, 3))
+    img.save(tmp / "in" / "c4.png")
+    (tmp / "in" / "c5.png").write_bytes(image_bytes((64, 32), seed=5))  # another size
+    out = run(ctx, [item(tmp, n) for n in range(6)])
+    # c0..c2 one batch; c3, c4 a batch that fails and reruns singly; c5 alone (its size)
+    assert model.batches == [3, 2]
+    assert model.singles == 3
+    assert (out.succeeded, out.failed, out.batched) == (5, 1, 3)
+    assert out.codes == {"model_error": 1}
+    assert ctx.jobs.ranks(JOB, list(range(1, 7))) == [3, 3, 3, 3, 1, 3]
