@@ -449,6 +449,7 @@ class ChunkRunner:
             q = fetches[0][1].result()
             if q.result is not None:  # ended early (output exists, bad input): record it
                 fetches.popleft()
+                self.ctx.metrics.stages(q.stages)
                 self.add(q.result)
                 continue
             if self._batch_key(q) != key:

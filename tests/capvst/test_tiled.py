@@ -235,6 +235,9 @@ def test_out_of_memory_retries_in_smaller_tiles(nets, monkeypatch):
 
     monkeypatch.setattr(type(model.net), "forward", forward)
     _close(st.stylize(img, [style], max_size=0, tile="auto"), want)
-    assert widths[0] == 720 and max(widths[1:]) <= 720 and widths[-1] <= 600
+    # the content's whole pass (720 wide) ran out of memory, then its tiles fit (the style,
+    # encoded first, is narrower)
+    first = widths.index(720)
+    assert max(widths[first + 1:]) <= 720 and widths[-1] <= 600
     with pytest.raises(ModelError, match="out of memory"):
         st.stylize(img, [style], max_size=0, tile="off")

@@ -63,7 +63,10 @@ def test_worker_and_scheduler_metrics_match_the_report(tmp_path, moto_server, s3
         c.scheduler(extra_env={"CAPVST_METRICS_PORT": str(sport)}).wait_ready()
         tmp = tmp_path / "worker-tmp"  # where the worker's multiprocess folder goes
         tmp.mkdir()
+        # one item per forward pass, so that each item asks the style cache once (a batch
+        # shares one lookup)
         w = c.worker("w1", extra_env={"CAPVST_METRICS_PORT": str(wport),
+                                      "CAPVST_BATCH_SIZE": "1",
                                       "TMPDIR": str(tmp)}).wait_ready()
         assert f"Prometheus metrics on port {wport}" in w.log()
 

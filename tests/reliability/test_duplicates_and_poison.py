@@ -9,9 +9,11 @@ import threading
 import time
 import uuid
 
+from tests.data import image_bytes
 from tests.reliability.helpers import (
     assert_exact,
     rank,
+    simple_lines,
     start_job,
     wait_done,
 )
@@ -83,7 +85,13 @@ def test_poison_item_fails_after_bounded_deliveries(tmp_path, moto_server, s3, v
     c = Cluster(tmp_path, moto_server.url, chunk_size="1", max_deliveries="3")
     stop = threading.Event()
     try:
-        job, w1 = start_job(c, s3, vbucket, N, 192)
+        # the poison line is a larger image, so that each run of it lasts seconds: long
+        # enough for the killer to strike while it is on the device, however fast the model
+        s3.put_object(Bucket=vbucket, Key="in/big.jpg",
+                      Body=image_bytes((1024, 768), seed=7, fmt="JPEG"))
+        lines = simple_lines(N)
+        lines[2].update(content="big.jpg", max_size=1024)
+        job, w1 = start_job(c, s3, vbucket, N, 192, lines=lines)
         kills: list[int] = []
         killer = threading.Thread(target=_poison_killer, args=(c, job, 3, w1, stop, kills),
                                   daemon=True)
