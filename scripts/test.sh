@@ -27,4 +27,8 @@ fi
 . .venv/bin/activate
 ruff check .
 mypy
+# the full-resolution runs (minutes each: `-m large`) only when asked for
+if [ "$#" -eq 0 ]; then
+  set -- -m "not large"
+fi
 python -m pytest "$@"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.refdata import REFERENCE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.large]
 STYLE = REFERENCE / "images" / "style" / "04.jpg"
 
 
