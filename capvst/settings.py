@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     #: one, tf32, bf16 or fp16 (CUDA; docs/PERFORMANCE.md gives each one's measured error).
     precision: Literal["float32", "tf32", "bf16", "fp16"] = "float32"
     #: Items with the same styles, options and resized size that go through the network
-    #: together (1 turns batching off); memory on the device grows with it.
-    batch_size: int = Field(4, ge=1, le=256)
+    #: together (1 turns batching off); memory on the device grows with it. Unset: 4 on a
+    #: GPU, 1 on a CPU (where batches are slower per image).
+    batch_size: int | None = Field(None, ge=1, le=256)
     #: Style statistics kept per worker process (least recently used are dropped).
     style_cache_size: int = Field(64, ge=0)
     #: Retries of a transient fault within one delivery, with exponential backoff.

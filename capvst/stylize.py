@@ -78,6 +78,19 @@ def set_numerics(device: torch.device, precision: str = "float32") -> None:
     log.info("float32 numerics on %s: %s (precision %s)", device, state, precision)
 
 
+def default_channels_last(device: torch.device, precision: str = "float32") -> bool:
+    """Channels-last activations where they are faster: on CPUs (oneDNN's convolutions run
+    about a fifth faster, measured in docs/PERFORMANCE.md) and for half precisions on GPUs
+    (tensor-core convolutions work channels-last). The values agree within float rounding."""
+    return device.type == "cpu" or precision in _AUTOCAST
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Items per forward pass when ``CAPVST_BATCH_SIZE`` is unset: 4 on a GPU; 1 on a CPU,
+    where a batch is slower per image than one image at a time (docs/PERFORMANCE.md)."""
+    return 4 if device.type == "cuda" else 1
+
+
 StyleKey = tuple[str | None, ...]
 
 
@@ -87,16 +100,21 @@ class Stylizer:
     Thread-safe for the cache; model calls are serialised by a lock so one process never runs
     two forward passes on the same device at once. ``transform_dtype`` is the precision of the
     transform's large passes (its small factorisations are always float64); ``precision``
-    the network's (``float32`` unless opted in to a faster one).
+    the network's (``float32`` unless opted in to a faster one). ``channels_last`` runs the
+    network's activations channels-last (None: where measured faster, see
+    :func:`default_channels_last`).
     """
 
     def __init__(self, model: LoadedModel, device: str | torch.device = "auto",
                  transform_dtype: torch.dtype = torch.float64, style_cache_size: int = 64,
-                 memory_budget: int | None = None, precision: str = "float32") -> None:
+                 memory_budget: int | None = None, precision: str = "float32",
+                 channels_last: bool | None = None) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         set_numerics(self.device, precision)
         self.precision = precision
         self.net = model.net.to(self.device)
+        self.net.channels_last = default_channels_last(self.device, precision) \
+            if channels_last is None else channels_last
         self.mode: Mode = model.mode
         self.model_id = model.model_id
         self.transform_dtype = transform_dtype

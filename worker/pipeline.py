@@ -38,6 +38,7 @@ from capvst.manifest import Item, check_output
 from capvst.results import ItemResult
 from capvst.retry import RetryPolicy, wait_out
 from capvst.storage import META_JOB, META_LINE
+from capvst.stylize import default_batch_size
 
 from .context import WorkerContext
 
@@ -445,7 +446,8 @@ class ChunkRunner:
         already in flight: waiting for them keeps the batch whole)."""
         group = [p]
         key = self._batch_key(p)
-        while key is not None and fetches and len(group) < self.s.batch_size:
+        limit = self.s.batch_size or default_batch_size(self.ctx.stylizer(p.item.mode).device)
+        while key is not None and fetches and len(group) < limit:
             q = fetches[0][1].result()
             if q.result is not None:  # ended early (output exists, bad input): record it
                 fetches.popleft()

@@ -58,17 +58,35 @@ CONFIGS: dict[Mode, NetConfig] = {
 }
 
 
+def _nhwc(x: Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (channels adjacent in memory), as a
+    channels-last tensor and its channel slices are. Only speed depends on the answer."""
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
 def squeeze2(x: Tensor) -> Tensor:
-    """Space-to-depth by 2: out channel (dy*2 + dx)*C + c holds pixel (2i+dy, 2j+dx) of c."""
+    """Space-to-depth by 2: out channel (dy*2 + dx)*C + c holds pixel (2i+dy, 2j+dx) of c.
+
+    The result keeps the input's memory format (NCHW or channels-last); the values are the
+    same either way.
+    """
     b, c, h, w = x.shape
+    if _nhwc(x):
+        y = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c)
+        y = y.permute(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+        return y.permute(0, 3, 1, 2)
     x = x.reshape(b, c, h // 2, 2, w // 2, 2)
     return x.permute(0, 3, 5, 1, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
 
 
 def unsqueeze2(x: Tensor) -> Tensor:
-    """Exact inverse of :func:`squeeze2`."""
+    """Exact inverse of :func:`squeeze2`, in the input's memory format."""
     b, c4, h, w = x.shape
     c = c4 // 4
+    if _nhwc(x):
+        y = x.permute(0, 2, 3, 1).reshape(b, h, w, 2, 2, c)
+        y = y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c)
+        return y.permute(0, 3, 1, 2)
     x = x.reshape(b, 2, 2, c, h, w)
     return x.permute(0, 3, 4, 1, 5, 2).reshape(b, c, 2 * h, 2 * w)
 
@@ -77,7 +95,8 @@ def _pad_channels(x: Tensor, extra: int) -> Tensor:
     """Injective padding: ``extra`` zero channels appended after the existing ones."""
     if extra == 0:
         return x
-    zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:])
+    fmt = torch.channels_last if _nhwc(x) else torch.contiguous_format
+    zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:]).contiguous(memory_format=fmt)
     return torch.cat((x, zeros), dim=1)
 
 
@@ -113,13 +132,16 @@ class RevBlock(nn.Module):
         fx2 = self.conv(x2)
         if self.stride == 2:
             x1, x2 = squeeze2(x1), squeeze2(x2)
-        return x2, fx2 + x1
+        # in place on the fresh convolution output (which autograd does not keep): one
+        # activation-sized allocation less per block, the same sum
+        return x2, fx2.add_(x1)
 
     def inverse(self, pair: Pair) -> Pair:
         x2, y1 = pair
         if self.stride == 2:
             x2 = unsqueeze2(x2)
-        x1 = y1 - self.conv(x2)
+        # -F(x2) + y1 is y1 - F(x2) to the bit (negation is exact), without a new tensor
+        x1 = self.conv(x2).neg_().add_(y1)
         if self.stride == 2:
             x1 = unsqueeze2(x1)
         return x1, x2
@@ -161,11 +183,17 @@ class ChannelRefinement(nn.Module):
 
 
 class RevNet(nn.Module):
-    """Image <-> latent bijection; ``forward`` encodes, ``inverse`` decodes exactly."""
+    """Image <-> latent bijection; ``forward`` encodes, ``inverse`` decodes exactly.
+
+    ``channels_last``: run the activations in channels-last memory (faster convolutions on
+    CPUs; the same values within float rounding, see docs/PERFORMANCE.md). Inputs may be in
+    either format; outputs are always plain contiguous NCHW tensors.
+    """
 
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
         self.config = config
+        self.channels_last = False
         self.extra = 2 * config.n_channels[0] - config.in_channel
         blocks: list[RevBlock] = []
         for channel, depth, stride in zip(config.n_channels, config.n_blocks, config.n_strides):
@@ -185,18 +213,22 @@ class RevNet(nn.Module):
             raise ValueError(f"image sides must be multiples of {m} and at least {2 * m}, "
                              f"got {width}x{height}")
 
+    def _format(self, x: Tensor) -> Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
     def forward(self, x: Tensor) -> Tensor:
         self.check_size(x.shape[-2], x.shape[-1])
-        pair = _halves(_pad_channels(x, self.extra))
+        pair = _halves(_pad_channels(self._format(x), self.extra))
         for block in self.stack:
             pair = block(pair)
-        return self.channel_reduction(torch.cat(pair, dim=1))
+        return self.channel_reduction(torch.cat(pair, dim=1)).contiguous()
 
     def inverse(self, z: Tensor) -> Tensor:
-        pair = _halves(self.channel_reduction.inverse(z))
+        pair = _halves(self.channel_reduction.inverse(self._format(z)))
         for block in reversed(self.stack):
             pair = block.inverse(pair)  # type: ignore[operator]
-        return torch.cat(pair, dim=1)[:, : self.config.in_channel]
+        return torch.cat(pair, dim=1)[:, : self.config.in_channel].contiguous()
 
 
 def build_net(mode: Mode) -> RevNet:

@@ -53,11 +53,13 @@ def test_cli_matches_reference_png(case, reference, tmp_path):
 NPZ = [c for c in CASES if "expected_npz" in c] or [{"name": "missing-reference"}]
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("case", NPZ, ids=[c["name"] for c in NPZ])
-def test_latents_and_float_output(case, reference):
+def test_latents_and_float_output(case, channels_last, reference):
     ref = reference
     arrays = np.load(ref / case["expected_npz"])
     model = load_model(case["mode"], str(ref / "weights" / f"{case['weights']}.pt"))
+    model.net.channels_last = channels_last
     content = images.resize(images.decode_image(ref / "images" / case["content"]),
                             case["max_size"])
     style = images.resize(images.decode_image(ref / "images" / case["style"][0]),

@@ -31,6 +31,39 @@ def test_squeeze_channel_order():
     assert torch.equal(unsqueeze2(y), x)
 
 
+def test_squeeze_keeps_channels_last_and_values():
+    x = torch.randn(2, 12, 8, 6, generator=torch.Generator().manual_seed(5))
+    xl = x.contiguous(memory_format=torch.channels_last)
+    y, yl = squeeze2(x), squeeze2(xl)
+    assert yl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, yl)
+    back = unsqueeze2(yl)
+    assert back.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(back, x)
+    # a channel slice of a channels-last tensor (the couplings' halves) squeezes the same
+    assert torch.equal(squeeze2(xl[:, 6:]), squeeze2(x[:, 6:]))
+
+
+@pytest.mark.parametrize("mode", ["photorealistic", "artistic"])
+def test_channels_last_network_agrees(mode):
+    """The channels-last path gives the NCHW latents and images within float rounding, in
+    plain NCHW tensors, and does not touch its input."""
+    net = untrained(mode).net
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(11))
+    keep = x.clone()
+    with torch.inference_mode():
+        z = net(x)
+        net.channels_last = True
+        zl = net(x)
+        y = net.inverse(zl)
+        zk = zl.clone()
+        net.inverse(zl)
+    assert torch.equal(x, keep) and torch.equal(zl, zk)
+    assert zl.is_contiguous() and y.is_contiguous()
+    assert (zl - z).abs().max().item() <= 1e-5
+    assert (y - x).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("mode", ["photorealistic", "artistic"])
 @pytest.mark.parametrize("size", [(8, 8), (20, 36), (64, 64), (100, 12), (48, 32)])
 def test_round_trip(mode, size):
