@@ -357,7 +357,7 @@ class Client:
                 yield ItemResult.from_json(text)
 
     # -- wait ----------------------------------------------------------------------------------
-    def wait(self, job: str, progress: str = "bar", poll: float = 0.5,
+    def wait(self, job: str, progress: str = "bar", poll: float = 0.2,
              line_every: float = 10.0) -> dict[str, Any]:
         """Block until the job is final. ``progress``: ``bar`` (a live bar on stderr),
         ``lines`` (a plain progress line on stderr every ``line_every`` seconds, for logs) or
