@@ -19,7 +19,15 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from . import __version__, cli_train, cli_video
-from .cli_common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, parser_kwargs, service_failure
+from .cli_common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    add_encoder_arguments,
+    parser_kwargs,
+    service_failure,
+)
 from .cli_common import Fail as _Fail
 from .cli_common import err as _err
 from .cli_common import info as _info
@@ -120,6 +128,7 @@ def _add_stylize(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output file (one content) or folder (several contents); for a "
                         "video, a video file or a folder of PNG frames")
+    add_encoder_arguments(p)
     cli_video.add_arguments(p)
     p.set_defaults(func=cmd_stylize)
 
@@ -244,8 +253,11 @@ def cmd_stylize(args: argparse.Namespace) -> int:
                     content_mask=masks[0] if masks else None,
                     style_mask=masks[1] if masks else None, style_keys=args.style,
                     tile=args.tile, progress=progress)
-            store.write(target, encode(pixels, format_for(target)),
-                        content_type=f"image/{format_for(target)}")
+            fmt = format_for(target)
+            store.write(target, encode(pixels, fmt, png_level=args.png_level,
+                                       jpeg_quality=args.jpeg_quality,
+                                       webp_quality=args.webp_quality),
+                        content_type="image/jpeg" if fmt == "jpg" else f"image/{fmt}")
         except CapvstError as exc:
             failures += 1
             _err(f"{content}: {exc.message}")

@@ -142,6 +142,32 @@ _URL_PASSWORD = re.compile(r"(://[^:/@;]*:)[^@;]*@")
 _REDIS_CONNECT = re.compile(r"Error (-?\d+) connecting to (\S+?)\.\s+(.*?)\.?$")
 
 
+def _bounded_int(low: int, high: int):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return v
+    return parse
+
+
+def add_encoder_arguments(p: argparse.ArgumentParser, default_of: str = "") -> None:
+    """``--png-level``, ``--jpeg-quality`` and ``--webp-quality`` (image outputs only)."""
+    from .images import DEFAULT_PNG_LEVEL, LOSSY_QUALITY
+    from .manifest import ENCODER_FIELDS
+
+    helps = {"png_level": f"zlib level of PNG outputs, 0-9: the same pixels, smaller or faster "
+                          f"files (default {DEFAULT_PNG_LEVEL}, fast)",
+             "jpeg_quality": f"quality of JPEG outputs, 1-100 (default {LOSSY_QUALITY})",
+             "webp_quality": f"quality of WebP outputs, 0-100 (default {LOSSY_QUALITY})"}
+    for name, (low, high) in ENCODER_FIELDS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=_bounded_int(low, high), default=None,
+                       metavar="N", help=default_of + helps[name])
+
+
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (fit for messages and logs)."""
     return _URL_PASSWORD.sub(r"\1***@", url)

@@ -18,6 +18,7 @@ from .cli_common import (
     EXIT_USAGE,
     Fail,
     Parser,
+    add_encoder_arguments,
     check_broker,
     check_s3_credentials,
     info,
@@ -77,6 +78,7 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
                         "worker's memory budget), off, or a tile side in pixels (default auto)")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="png",
                    help="default output format (default png)")
+    add_encoder_arguments(p, "default of items: ")
     p.add_argument("--wait", action="store_true",
                    help="show progress until the job is final, then the summary; the exit "
                         "code then tells the job's outcome")
@@ -151,7 +153,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # a style on the command line is relative to here, not to the manifest
         styles = [parse(s).uri for s in args.styles] if args.styles else None
         options = JobOptions(mode=args.mode, max_size=args.max_size, tile=args.tile,
-                             format=args.format, styles=styles, style_weights=args.style_weights)
+                             format=args.format, styles=styles, style_weights=args.style_weights,
+                             png_level=args.png_level, jpeg_quality=args.jpeg_quality,
+                             webp_quality=args.webp_quality)
     except CapvstError as exc:
         raise Fail(f"bad --style: {exc.message}", EXIT_USAGE) from None
     except ValidationError as exc:

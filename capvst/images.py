@@ -32,7 +32,10 @@ SIDE_MULTIPLE = 4
 #: Smallest side the network can process: its reflection padding at 1/4 scale needs two
 #: pixels, so a 4-pixel side (legal by the multiple-of-4 rule) cannot run either.
 MIN_SIDE = 8
-#: JPEG and WebP quality of outputs.
+#: Default zlib level of PNG outputs: 1 is about four times faster to encode than Pillow's
+#: default 6 for a few percent larger files, with the same pixels (docs/PERFORMANCE.md).
+DEFAULT_PNG_LEVEL = 1
+#: Default JPEG and WebP quality of outputs.
 LOSSY_QUALITY = 95
 
 Source = bytes | str | os.PathLike[str] | BinaryIO
@@ -195,16 +198,25 @@ def format_for(path: str, default: OutputFormat = "png") -> OutputFormat:
     return ext  # type: ignore[return-value]
 
 
-def encode(pixels: np.ndarray, fmt: OutputFormat = "png") -> bytes:
-    """Encode HWC uint8 RGB pixels; deterministic for a given Pillow version."""
+def encode(pixels: np.ndarray, fmt: OutputFormat = "png", *, png_level: int | None = None,
+           jpeg_quality: int | None = None, webp_quality: int | None = None) -> bytes:
+    """Encode HWC uint8 RGB pixels; deterministic for a given Pillow version.
+
+    ``png_level`` (zlib 0–9, default :data:`DEFAULT_PNG_LEVEL`) changes only the file size and
+    the time; ``jpeg_quality`` (1–100) and ``webp_quality`` (0–100, default
+    :data:`LOSSY_QUALITY`) the lossy formats' fidelity. Each applies to its format only.
+    """
     img = Image.fromarray(pixels, mode="RGB")
     buf = io.BytesIO()
     if fmt == "png":
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG",
+                 compress_level=DEFAULT_PNG_LEVEL if png_level is None else png_level)
     elif fmt == "jpg":
-        img.save(buf, format="JPEG", quality=LOSSY_QUALITY)
+        img.save(buf, format="JPEG",
+                 quality=LOSSY_QUALITY if jpeg_quality is None else jpeg_quality)
     elif fmt == "webp":
-        img.save(buf, format="WEBP", quality=LOSSY_QUALITY, method=4)
+        img.save(buf, format="WEBP",
+                 quality=LOSSY_QUALITY if webp_quality is None else webp_quality, method=4)
     else:
         raise InvalidItem(f"unsupported output format {fmt!r}")
     return buf.getvalue()

@@ -38,7 +38,11 @@ MAX_MAX_SIZE = 8192
 #: Folder under the output prefix that belongs to capvst (reports, job records).
 RESERVED = "_capvst"
 FIELDS = ("content", "style", "style_weights", "alpha_c", "mode", "max_size", "tile",
-          "content_mask", "style_mask", "output", "format", "id")
+          "content_mask", "style_mask", "output", "format", "png_level", "jpeg_quality",
+          "webp_quality", "id")
+#: Encoder settings of image outputs (a line's, else the job's, else the encoder's default):
+#: the field and its inclusive range.
+ENCODER_FIELDS = {"png_level": (0, 9), "jpeg_quality": (1, 100), "webp_quality": (0, 100)}
 #: A line's ``format``: an image format, or a video's (mp4, webm, frames).
 ItemFormat = Literal["png", "jpg", "webp", "mp4", "webm", "frames"]
 #: Smallest tile side a manifest may ask for.
@@ -54,6 +58,13 @@ def _check_max_size(v: Any) -> Any:
     if isinstance(v, int) and v != 0 and not MIN_SIDE <= v <= MAX_MAX_SIZE:
         raise ValueError(f"must be 0 (full resolution) or between {MIN_SIDE} and "
                          f"{MAX_MAX_SIZE}")
+    return v
+
+
+def _no_booleans(v: Any) -> Any:
+    """JSON's true/false are not numbers (pydantic would take them as 1 and 0)."""
+    if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+        raise ValueError("must be a number, not true/false")
     return v
 
 
@@ -88,6 +99,10 @@ class JobOptions(BaseModel):
     max_size: int = DEFAULT_MAX_SIZE
     tile: Tile = "auto"
     format: OutputFormat = "png"
+    #: Encoder settings of image outputs (None: the encoder's defaults, ``images.encode``).
+    png_level: int | None = Field(None, ge=0, le=9)
+    jpeg_quality: int | None = Field(None, ge=1, le=100)
+    webp_quality: int | None = Field(None, ge=0, le=100)
     #: Style(s) of every line that names none (lists of objects: S3 Batch, S3 Inventory).
     styles: list[str] | None = None
     #: Mixing weights of ``styles``, one per style.
@@ -98,6 +113,7 @@ class JobOptions(BaseModel):
 
     _max_size = field_validator("max_size", mode="after")(_check_max_size)
     _tile = field_validator("tile", mode="before")(_check_tile)
+    _encoder = field_validator(*ENCODER_FIELDS, mode="before")(_no_booleans)
 
     @model_validator(mode="after")
     def _job_styles(self) -> JobOptions:
@@ -129,14 +145,13 @@ class LineSpec(BaseModel):
     style_mask: str | None = None
     output: str | None = None
     format: ItemFormat | None = None
+    png_level: int | None = Field(None, ge=0, le=9)
+    jpeg_quality: int | None = Field(None, ge=1, le=100)
+    webp_quality: int | None = Field(None, ge=0, le=100)
     id: str | None = Field(None, max_length=512)
 
-    @field_validator("alpha_c", "max_size", "style_weights", mode="before")
-    @classmethod
-    def _no_booleans(cls, v: Any) -> Any:
-        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
-            raise ValueError("must be a number, not true/false")
-        return v
+    _numbers = field_validator("alpha_c", "max_size", "style_weights", *ENCODER_FIELDS,
+                               mode="before")(_no_booleans)
 
     _max_size = field_validator("max_size", mode="after")(_check_max_size)
     _tile = field_validator("tile", mode="before")(_check_tile)
@@ -176,6 +191,10 @@ class Item(BaseModel):
     style_mask: str | None = None
     output: str
     format: ItemFormat
+    #: Encoder settings of an image output (None: the encoder's defaults).
+    png_level: int | None = None
+    jpeg_quality: int | None = None
+    webp_quality: int | None = None
     #: A video item (content a video file or a folder/prefix of frames): planned into
     #: segments that run as separate tasks, then joined.
     video: bool = False
@@ -470,6 +489,8 @@ def build_item(raw: dict[str, Any], line: int, base: str, output_prefix: str,
         content_mask=resolve(spec.content_mask, base) if spec.content_mask else None,
         style_mask=resolve(spec.style_mask, base) if spec.style_mask else None,
         output=output, format=fmt,
+        **{k: getattr(spec, k) if getattr(spec, k) is not None else getattr(options, k)
+           for k in ENCODER_FIELDS},
     )
 
 

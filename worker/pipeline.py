@@ -428,7 +428,9 @@ class ChunkRunner:
 
         def once() -> bool:
             data = p.timed("encode", lambda: images.encode(
-                pixels, item.format))  # type: ignore[arg-type]  # never a video here
+                pixels, item.format,  # type: ignore[arg-type]  # never a video here
+                png_level=item.png_level, jpeg_quality=item.jpeg_quality,
+                webp_quality=item.webp_quality))
             return p.timed("upload", lambda: self.ctx.storage.write(
                 item.output, data, create_only=True,
                 content_type="image/jpeg" if item.format == "jpg" else f"image/{item.format}",
@@ -446,8 +448,10 @@ class ChunkRunner:
         already in flight: waiting for them keeps the batch whole)."""
         group = [p]
         key = self._batch_key(p)
+        if key is None:
+            return group
         limit = self.s.batch_size or default_batch_size(self.ctx.stylizer(p.item.mode).device)
-        while key is not None and fetches and len(group) < limit:
+        while fetches and len(group) < limit:
             q = fetches[0][1].result()
             if q.result is not None:  # ended early (output exists, bad input): record it
                 fetches.popleft()

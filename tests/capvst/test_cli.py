@@ -278,3 +278,16 @@ def test_style_weights_need_as_many_styles(capsys):
     assert _run(["submit", "m.jsonl", "--style", "a.jpg", "--style-weights", "1,2"],
                 _parser) == 2
     assert "2 --style-weights for 1 --style" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["submit", "m.jsonl", "--png-level", "10"],
+    ["submit", "m.jsonl", "--jpeg-quality", "high"],
+    ["stylize", "a.png", "--style", "s.png", "-o", "o.png", "--webp-quality", "101"],
+])
+def test_encoder_flags_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(argv, _parser)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be between" in err or "not a whole number" in err

@@ -9,6 +9,7 @@ from PIL import Image
 
 from capvst import images
 from capvst.errors import BadImage, InvalidItem, TooLarge, TooSmall
+from tests.refdata import REFERENCE
 
 
 def _png(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -123,6 +124,24 @@ def test_encode_round_trip():
         if fmt == "png":
             assert np.array_equal(back, px)
     assert images.format_for("a/b.JPEG") == "jpg"
+
+
+def test_encoder_settings_change_files_not_png_pixels():
+    img = Image.open(REFERENCE / "images" / "content" / "01.jpg").convert("RGB")
+    px = np.asarray(img.resize((320, 240)))
+    sizes = {}
+    for level in (0, 1, 9):
+        data = images.encode(px, "png", png_level=level)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), px)
+        sizes[level] = len(data)
+    assert sizes[0] > sizes[1] > sizes[9]
+    assert images.encode(px, "png") == images.encode(px, "png", png_level=images.DEFAULT_PNG_LEVEL)
+    for fmt, key in (("jpg", "jpeg_quality"), ("webp", "webp_quality")):
+        low, high = (images.encode(px, fmt, **{key: q}) for q in (20, 95))
+        assert len(low) < len(high)
+        assert images.encode(px, fmt) == high  # the default quality is 95
+    # a setting of another format is ignored
+    assert images.encode(px, "png", jpeg_quality=5) == images.encode(px, "png")
 
 
 def test_mask_colours_and_label_maps():

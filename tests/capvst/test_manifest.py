@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from capvst.errors import AccessDenied, CapvstError, InvalidItem
 from capvst.manifest import (
@@ -368,6 +369,33 @@ def test_job_defaults_apply_and_a_line_overrides_them():
     assert (item.mode, item.max_size, item.format, item.alpha_c) == (
         "photorealistic", 2048, "webp", 0.5)
     assert item.output == "s3://out/results/a__x.webp"
+
+
+def test_encoder_settings_from_the_job_and_the_line():
+    item = build({"content": "a.jpg", "style": "x.jpg"})
+    assert (item.png_level, item.jpeg_quality, item.webp_quality) == (None, None, None)
+    options = JobOptions(png_level=9, jpeg_quality=80)
+    item = build({"content": "a.jpg", "style": "x.jpg", "jpeg_quality": 60,
+                  "webp_quality": 70}, options=options)
+    assert (item.png_level, item.jpeg_quality, item.webp_quality) == (9, 60, 70)
+    header = parse_csv_header("content,style,png_level")
+    raw = parse_line("a.jpg,x.jpg,3", "csv", header)
+    assert build_item(raw, 2, S3_BASE, S3_OUT, OPTS).png_level == 3
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"png_level": 10}, r"png_level: Input should be less than or equal to 9"),
+    ({"png_level": -1}, r"png_level: Input should be greater than or equal to 0"),
+    ({"png_level": True}, r"png_level: Value error, must be a number, not true/false"),
+    ({"png_level": 2.5}, r"png_level: Input should be a valid integer"),
+    ({"jpeg_quality": 0}, r"jpeg_quality: Input should be greater than or equal to 1"),
+    ({"webp_quality": 101}, r"webp_quality: Input should be less than or equal to 100"),
+])
+def test_bad_encoder_settings_fail_the_line(raw, message):
+    with pytest.raises(InvalidItem, match=message):
+        build({"content": "a.jpg", "style": "x.jpg", **raw})
+    with pytest.raises(ValidationError):
+        JobOptions(**raw)
 
 
 def test_builtin_defaults():

@@ -201,9 +201,12 @@ class _BatchingModel:
     """A stand-in Stylizer: records batches; a batch holding the poison pixel fails, and so
     does that item alone (the others then succeed one by one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        import torch
+
         self.batches: list[int] = []
         self.singles = 0
+        self.device = torch.device(device)
 
     def has_style(self, *a) -> bool:
         return False
@@ -257,3 +260,43 @@ def test_batches_form_and_a_failing_batch_runs_one_by_one(setup):
     assert (out.succeeded, out.failed, out.batched) == (5, 1, 3)
     assert out.codes == {"model_error": 1}
     assert ctx.jobs.ranks(JOB, list(range(1, 7))) == [3, 3, 3, 3, 1, 3]
+
+
+def test_encoder_settings_reach_the_outputs(setup):
+    """An item's png_level and jpeg_quality are the encoder's: the same PNG pixels in a
+    different file, a smaller JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    ctx, _rec, _sent, tmp = setup
+    (tmp / "in" / "c0.png").write_bytes(image_bytes((256, 192), seed=3))
+    outs = {name: tmp / "out" / name for name in ("p0.png", "p9.png", "j20.jpg", "j95.jpg")}
+    items = [item(tmp, 0, output=file_uri(str(outs["p0.png"])), png_level=0),
+             item(tmp, 0, output=file_uri(str(outs["p9.png"])), png_level=9),
+             item(tmp, 0, output=file_uri(str(outs["j20.jpg"])), jpeg_quality=20),
+             item(tmp, 0, output=file_uri(str(outs["j95.jpg"])))]
+    for n, it in enumerate(items):
+        it.line = n + 1
+        if it.output.endswith(".jpg"):
+            it.format = "jpg"
+    out = run(ctx, items)
+    assert out.succeeded == 4
+    p0, p9 = (np.asarray(Image.open(outs[k])) for k in ("p0.png", "p9.png"))
+    assert np.array_equal(p0, p9)
+    assert outs["p0.png"].stat().st_size > outs["p9.png"].stat().st_size
+    assert outs["j20.jpg"].stat().st_size < outs["j95.jpg"].stat().st_size
+
+
+@pytest.mark.parametrize("device, batches", [("cpu", []), ("cuda", [4, 2])])
+def test_unset_batch_size_batches_on_a_gpu_only(setup, device, batches):
+    """CAPVST_BATCH_SIZE unset: one image per pass on a CPU (batches are slower there), four
+    on a GPU."""
+    ctx, _rec, _sent, tmp = setup
+    ctx.settings = ctx.settings.model_copy(update={"standin_model_seconds": None,
+                                                   "batch_size": None, "inflight_items": 8})
+    model = _BatchingModel(device)
+    ctx.stylizers["photorealistic"] = model  # type: ignore[assignment]
+    out = run(ctx, [item(tmp, n) for n in range(6)])
+    assert out.succeeded == 6
+    assert model.batches == batches
+    assert model.singles == 6 - sum(batches)
