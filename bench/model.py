@@ -10,7 +10,7 @@ factor, whiten, colour), the inverse network, one image at a time. Ours: ``Styli
 the style statistics cached, the folded transform (``CAPVST_TRANSFORM_DTYPE``, default
 float64), channels-last activations where they are faster (CPUs, half precisions) and
 contents of one size batched through the network (``--batches``), at each network precision
-of ``--precisions``.
+of ``--precisions`` (``+c``: also compiled with ``torch.compile``, ``--compile``).
 
 Each path runs in its own subprocess (so its peak memory is its own), on the same decoded
 images: N crops of the reference photos at the size (4:3, so one resized size and batches
@@ -187,7 +187,7 @@ def _run_path(args: argparse.Namespace) -> None:
         _sync(device)
         result["seconds"] = time.perf_counter() - t0
     else:
-        st = Stylizer(model, device, tdtype, precision=args.precision)
+        st = Stylizer(model, device, tdtype, precision=args.precision, compile=args.compiled)
         key = "bench-style"
         st.stylize(contents[0], [style], max_size=args.size)  # warm-up, no cache
         if device.type == "cuda":
@@ -211,8 +211,9 @@ def _run_path(args: argparse.Namespace) -> None:
 
 
 def _spawn(args: argparse.Namespace, work: str, tag: str, path: str, size: int, batch: int = 1,
-           precision: str = "float32") -> dict:
+           precision: str = "float32", compiled: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", path, "--work", work, "--tag", tag,
+           *(["--compiled"] if compiled else []),
            "--size", str(size), "--batch", str(batch), "--precision", precision,
            "--contents", str(args.contents), "--mode", args.mode, "--device", args.device,
            "--transform-dtype", args.transform_dtype]
@@ -231,7 +232,11 @@ def main() -> None:
     ap.add_argument("--mode", default="photorealistic", choices=sorted(WEIGHTS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--transform-dtype", default="float64", choices=("float64", "float32"))
+    ap.add_argument("--compile", action="store_true",
+                    help="also run ours with torch.compile (CAPVST_COMPILE), batch 1 per "
+                         "precision; the first, compiling call is the untimed warm-up")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
@@ -259,30 +264,35 @@ def main() -> None:
         for size in [int(s) for s in args.sizes.split(",")]:
             orig = _spawn(args, work, f"orig-{size}", "original", size)
             want = np.load(Path(work) / f"orig-{size}.npy").astype(np.int16)
-            for precision in args.precisions.split(","):
-                for batch in [int(b) for b in args.batches.split(",")]:
-                    tag = f"ours-{size}-{batch}-{precision}"
-                    ours = _spawn(args, work, tag, "ours", size, batch, precision)
-                    got = np.load(Path(work) / f"{tag}.npy").astype(np.int16)
-                    diff = np.abs(got - want)
-                    ident = 100 * float((diff == 0).mean())
-                    ratio = orig["seconds"] / ours["seconds"]
-                    row = {"size": size, "batch": batch, "precision": precision,
-                           "original_img_s": args.contents / orig["seconds"],
-                           "ours_img_s": args.contents / ours["seconds"], "ratio": ratio,
-                           "original_peak_mb": orig["peak_mb"], "ours_peak_mb": ours["peak_mb"],
-                           "max_level": int(diff.max()), "identical_pct": ident,
-                           "round_trip": ours["round_trip"]}
-                    rows.append(row)
-                    if precision == "float32":
-                        ok = ok and diff.max() <= 1 and ident >= 99.9
-                    print(f"{size:>5} {batch:>5} {precision:>9} {row['original_img_s']:>10.3f} "
-                          f"{row['ours_img_s']:>10.3f} {ratio:>5.2f}x {orig['peak_mb']:>8.0f} "
-                          f"{ours['peak_mb']:>8.0f} {row['max_level']:>7} {ident:>8.3f} "
-                          f"{ours['round_trip']:>10.2e}", flush=True)
+            runs = [(b, p, False) for p in args.precisions.split(",")
+                    for b in [int(b) for b in args.batches.split(",")]]
+            if args.compile:
+                runs += [(1, p, True) for p in args.precisions.split(",")]
+            for batch, precision, compiled in runs:
+                tag = f"ours-{size}-{batch}-{precision}-{int(compiled)}"
+                ours = _spawn(args, work, tag, "ours", size, batch, precision, compiled)
+                got = np.load(Path(work) / f"{tag}.npy").astype(np.int16)
+                diff = np.abs(got - want)
+                ident = 100 * float((diff == 0).mean())
+                ratio = orig["seconds"] / ours["seconds"]
+                label = precision + ("+c" if compiled else "")
+                row = {"size": size, "batch": batch, "precision": precision,
+                       "compiled": compiled,
+                       "original_img_s": args.contents / orig["seconds"],
+                       "ours_img_s": args.contents / ours["seconds"], "ratio": ratio,
+                       "original_peak_mb": orig["peak_mb"], "ours_peak_mb": ours["peak_mb"],
+                       "max_level": int(diff.max()), "identical_pct": ident,
+                       "round_trip": ours["round_trip"]}
+                rows.append(row)
+                if precision == "float32":
+                    ok = ok and diff.max() <= 1 and ident >= 99.9
+                print(f"{size:>5} {batch:>5} {label:>9} {row['original_img_s']:>10.3f} "
+                      f"{row['ours_img_s']:>10.3f} {ratio:>5.2f}x {orig['peak_mb']:>8.0f} "
+                      f"{ours['peak_mb']:>8.0f} {row['max_level']:>7} {ident:>8.3f} "
+                      f"{ours['round_trip']:>10.2e}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    f32 = [r for r in rows if r["precision"] == "float32"]
+    f32 = [r for r in rows if r["precision"] == "float32" and not r["compiled"]]
     best = max((r["ratio"] for r in f32), default=float("nan"))
     print(f"verdict: ours is {best:.2f}x the original algorithm's throughput (best float32 row); "
           f"float32 outputs {'within' if ok else 'OUTSIDE'} the parity tolerance")

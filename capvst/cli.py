@@ -230,7 +230,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
             args.transform_dtype or settings.transform_dtype]
         stylizer = Stylizer(model, args.device or settings.device, dtype,
                             settings.style_cache_size, settings.memory_budget,
-                            settings.precision)
+                            settings.precision, compile=settings.compile)
     except CapvstError as exc:
         raise _Fail(exc.message) from None
 

@@ -72,3 +72,39 @@ def default_budget(device: Any) -> int:
 def untiled_bytes(height: int, width: int) -> int:
     """Estimated peak of encoding or decoding a whole image at once."""
     return height * width * ACTIVATION_BYTES_PER_PIXEL
+
+
+#: glibc ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_allocator_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed activations in the process heap instead of handing them back to the kernel.
+
+    A network pass on a CPU allocates and frees tensors of a few to tens of megabytes hundreds
+    of times; with glibc's adaptive defaults many of them are mapped fresh and returned each
+    time, and each fresh page costs a fault: about 8 % of a pass at 512×384 is spent in the
+    kernel (docs/PERFORMANCE.md). Allocations up to 32 MiB (glibc's largest heap threshold
+    on 64-bit systems) then come from the heap, and up to 256 MiB of free heap top is kept.
+    Larger blocks (the tiles of huge images) are still mapped and returned at once, so peak
+    memory is unchanged. Values are unaffected. glibc only; elsewhere nothing happens.
+    Returns whether the settings were applied (once per process).
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or os.environ.get("CAPVST_CPU_ALLOCATOR", "tuned") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
+    _allocator_tuned = ok
+    return ok

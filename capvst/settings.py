@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     #: The network's precision: float32 (TF32 off, matches the reference) or an opt-in faster
     #: one, tf32, bf16 or fp16 (CUDA; docs/PERFORMANCE.md gives each one's measured error).
     precision: Literal["float32", "tf32", "bf16", "fp16"] = "float32"
+    #: Opt-in ``torch.compile`` of the network's whole-image passes (each new image size
+    #: compiles again, which takes tens of seconds). Measured slower on a CPU
+    #: (docs/PERFORMANCE.md); for GPUs serving images of a few fixed sizes, measure with
+    #: ``bench/model.py --compile`` before turning it on.
+    compile: bool = False
     #: Items with the same styles, options and resized size that go through the network
     #: together (1 turns batching off); memory on the device grows with it. Unset: 4 on a
     #: GPU, 1 on a CPU (where batches are slower per image).

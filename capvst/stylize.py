@@ -102,19 +102,28 @@ class Stylizer:
     transform's large passes (its small factorisations are always float64); ``precision``
     the network's (``float32`` unless opted in to a faster one). ``channels_last`` runs the
     network's activations channels-last (None: where measured faster, see
-    :func:`default_channels_last`).
+    :func:`default_channels_last`); ``compile`` wraps the whole-image passes in
+    ``torch.compile`` (opt-in: ``CAPVST_COMPILE``).
     """
 
     def __init__(self, model: LoadedModel, device: str | torch.device = "auto",
                  transform_dtype: torch.dtype = torch.float64, style_cache_size: int = 64,
                  memory_budget: int | None = None, precision: str = "float32",
-                 channels_last: bool | None = None) -> None:
+                 channels_last: bool | None = None, compile: bool = False) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         set_numerics(self.device, precision)
+        if self.device.type == "cpu":
+            memory.tune_cpu_allocator()
         self.precision = precision
         self.net = model.net.to(self.device)
         self.net.channels_last = default_channels_last(self.device, precision) \
             if channels_last is None else channels_last
+        #: the whole-image passes (tiles run the plain network); compiled when asked
+        self._encode_pass: Callable[[Tensor], Tensor] = self.net.forward
+        self._decode_pass: Callable[[Tensor], Tensor] = self.net.inverse
+        if compile:
+            self._encode_pass = torch.compile(self.net.forward)
+            self._decode_pass = torch.compile(self.net.inverse)
         self.mode: Mode = model.mode
         self.model_id = model.model_id
         self.transform_dtype = transform_dtype
@@ -155,13 +164,13 @@ class Stylizer:
         """Latents ``[B, C, h, w]`` (float32) of a batch of images ``[B, 3, H, W]``."""
         with self._lock, torch.inference_mode(), self._memory_policy("encoding"), \
                 self._numerics():
-            return self.net(x.to(self.device)).float()
+            return self._encode_pass(x.to(self.device)).float()
 
     def inverse(self, z: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` (float32, not clamped) of a batch of latents."""
         with self._lock, torch.inference_mode(), self._memory_policy("decoding"), \
                 self._numerics():
-            return self.net.inverse(z).float()
+            return self._decode_pass(z).float()
 
     def encode(self, img: Image.Image) -> Tensor:
         """Latent of an already resized RGB image."""

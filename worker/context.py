@@ -61,7 +61,7 @@ class WorkerContext:
                 # tiling is chosen per image by this worker's own device memory
                 self.stylizers[mode] = Stylizer(self.models[mode], s.device, dtype,
                                                 s.style_cache_size, s.memory_budget,
-                                                s.precision)
+                                                s.precision, compile=s.compile)
             return self.stylizers[mode]
 
     def after_model(self, mode: Mode) -> None:
