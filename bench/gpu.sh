@@ -10,7 +10,8 @@
 #    original in 8-bit levels and the network's round-trip error.
 # Without CUDA it runs on the CPU with float32 and bf16 only (give small sizes: `bash
 # bench/gpu.sh 128`). CONTENTS (default 8) sets the number of contents per size;
-# PARITY_MAX_SIZE (default 0: all) skips parity cases above that size.
+# PARITY_MAX_SIZE (default 0: all) skips parity cases above that size; COMPILE=1 adds
+# torch.compile rows (batch 1, each precision; compiling takes minutes, mind the time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${1:-1024,2048,4096}
@@ -33,5 +34,5 @@ fi
   done
   echo "## speed: ours vs the original algorithm"
   python bench/model.py --device "$DEVICE" --sizes "$SIZES" --batches 1,8 \
-    --precisions "$PRECISIONS" --contents "$CONTENTS"
+    --precisions "$PRECISIONS" --contents "$CONTENTS" ${COMPILE:+--compile}
 } 2>&1 | tee "$OUT"

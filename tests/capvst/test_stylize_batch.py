@@ -71,3 +71,19 @@ def test_masked_style_statistics_computed_once(stylizer):
 def test_round_trip_at_float32(stylizer):
     x = images.to_tensor(_img((64, 48), 6))
     assert (stylizer.inverse(stylizer.forward(x)) - x).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_layouts_and_compiled_passes_agree():
+    """channels-last (the CPU default), NCHW, and opt-in torch.compile: the same outputs within
+    the parity tolerance (compiling takes tens of seconds, hence slow)."""
+    model = untrained("photorealistic")
+    content, style = _img((96, 72), 5), _img((64, 64), 6)
+    outs = {}
+    for name, kw in (("nchw", {"channels_last": False}), ("channels-last", {}),
+                     ("compiled", {"compile": True})):
+        st = Stylizer(model, "cpu", **kw)
+        assert st.net.channels_last == (name != "nchw")
+        outs[name] = st.stylize(content, [style], max_size=96)
+    _within_parity(outs["channels-last"], outs["nchw"])
+    _within_parity(outs["compiled"], outs["nchw"])
