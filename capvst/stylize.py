@@ -118,12 +118,10 @@ class Stylizer:
         self.net = model.net.to(self.device)
         self.net.channels_last = default_channels_last(self.device, precision) \
             if channels_last is None else channels_last
-        #: the whole-image passes (tiles run the plain network); compiled when asked
-        self._encode_pass: Callable[[Tensor], Tensor] = self.net.forward
-        self._decode_pass: Callable[[Tensor], Tensor] = self.net.inverse
-        if compile:
-            self._encode_pass = torch.compile(self.net.forward)
-            self._decode_pass = torch.compile(self.net.inverse)
+        #: compiled whole-image passes when asked (tiles run the plain network)
+        self._compiled: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = \
+            (torch.compile(self.net.forward), torch.compile(self.net.inverse)) if compile \
+            else None
         self.mode: Mode = model.mode
         self.model_id = model.model_id
         self.transform_dtype = transform_dtype
@@ -164,13 +162,15 @@ class Stylizer:
         """Latents ``[B, C, h, w]`` (float32) of a batch of images ``[B, 3, H, W]``."""
         with self._lock, torch.inference_mode(), self._memory_policy("encoding"), \
                 self._numerics():
-            return self._encode_pass(x.to(self.device)).float()
+            encode = self._compiled[0] if self._compiled else self.net
+            return encode(x.to(self.device)).float()
 
     def inverse(self, z: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` (float32, not clamped) of a batch of latents."""
         with self._lock, torch.inference_mode(), self._memory_policy("decoding"), \
                 self._numerics():
-            return self._decode_pass(z).float()
+            decode = self._compiled[1] if self._compiled else self.net.inverse
+            return decode(z).float()
 
     def encode(self, img: Image.Image) -> Tensor:
         """Latent of an already resized RGB image."""

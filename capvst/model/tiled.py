@@ -165,8 +165,10 @@ class Accumulator:
 class LatentStore:
     """The whole latent ``[C, H, W]`` float32, in memory or in a temporary file.
 
-    The file holds rows of ``W × C`` (channels last) and is read and written with ordinary
-    positioned I/O, so its pages live in the OS cache, not in this process's memory.
+    Both keep it channels-last (rows of ``W × C``): :meth:`read` fills one fresh buffer and
+    returns a ``[C, h, w]`` view of it, which the channels-last network and the in-place
+    transform use without another copy. The file is read and written with ordinary positioned
+    I/O, so its pages live in the OS cache, not in this process's memory.
     """
 
     def __init__(self, channels: int, height: int, width: int, on_disk: bool,
@@ -181,7 +183,7 @@ class LatentStore:
             os.ftruncate(fd, channels * height * width * 4)
             self._fd = fd
         else:
-            self._mem = np.empty(self.shape, dtype=np.float32)
+            self._mem = np.empty((height, width, channels), dtype=np.float32)
 
     @staticmethod
     def nbytes(channels: int, height: int, width: int) -> int:
@@ -192,7 +194,7 @@ class LatentStore:
         """Store ``block`` ``[C, h, w]`` at latent position (y0, x0)."""
         c, h, w = block.shape
         if self._mem is not None:
-            self._mem[:, y0:y0 + h, x0:x0 + w] = block
+            self._mem[y0:y0 + h, x0:x0 + w] = block.transpose(1, 2, 0)
             return
         assert self._fd is not None
         rows = np.ascontiguousarray(block.transpose(1, 2, 0))  # h, w, C
@@ -201,18 +203,17 @@ class LatentStore:
             os.pwrite(self._fd, rows[i].tobytes(), (y0 + i) * row_bytes + x0 * c * 4)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """The latent ``[C, y1 - y0, x1 - x0]`` (a copy)."""
+        """The latent ``[C, y1 - y0, x1 - x0]``: a view of a fresh channels-last buffer."""
         if self._mem is not None:
-            return self._mem[:, y0:y1, x0:x1].copy()
+            return self._mem[y0:y1, x0:x1].copy().transpose(2, 0, 1)
         assert self._fd is not None
         c, _, width = self.shape
         h, w = y1 - y0, x1 - x0
         out = np.empty((h, w, c), dtype=np.float32)
         row_bytes = width * c * 4
         for i in range(h):
-            data = os.pread(self._fd, w * c * 4, (y0 + i) * row_bytes + x0 * c * 4)
-            out[i] = np.frombuffer(data, dtype=np.float32).reshape(w, c)
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+            os.preadv(self._fd, [memoryview(out[i]).cast("B")], (y0 + i) * row_bytes + x0 * c * 4)
+        return out.transpose(2, 0, 1)
 
     def close(self) -> None:
         """Free the memory or the file."""
@@ -277,25 +278,33 @@ class Affine:
     labels: np.ndarray | None = None  # label map at latent size; None: key -1 everywhere
 
     def apply(self, z: Tensor, y0: int, y1: int, x0: int, x1: int) -> Tensor:
-        """Transformed latent ``[C, h, w]`` float32 of the latent window at (y0.., x0..)."""
+        """Transform the latent window ``z`` ``[C, h, w]`` at (y0.., x0..) in place and return
+        it. A ``z`` stored channels-last (as :meth:`LatentStore.read` gives it) is used as is;
+        any other is copied to that layout first."""
         c = z.shape[0]
-        feat = z.reshape(c, -1)
-        out = feat.clone()
+        if not z.permute(1, 2, 0).is_contiguous():  # make it channels-last (one copy)
+            z = z.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        feat = z.permute(1, 2, 0).view(-1, c)  # a view: pixels × channels
         lab = None if self.labels is None else self.labels[y0:y1, x0:x1].reshape(-1)
         for label, (a, b) in self.maps.items():
             if lab is None:
-                idx = torch.arange(feat.shape[1], device=z.device)
+                idx = None
             else:
                 found = np.flatnonzero(lab == label)
                 if found.size == 0:
                     continue
                 idx = torch.from_numpy(found).to(z.device)
+            count = feat.shape[0] if idx is None else idx.numel()
             # in chunks: float64 copies of a whole tile would dwarf the tile itself
-            for s in range(0, idx.numel(), STATS_CHUNK):
-                sel = idx[s:s + STATS_CHUNK]
-                part = a @ feat.index_select(1, sel).to(a.dtype) + b[:, None]
-                out[:, sel] = part.to(z.dtype)
-        return out.reshape(z.shape)
+            for s in range(0, count, STATS_CHUNK):
+                if idx is None:
+                    rows = feat[s:s + STATS_CHUNK]
+                    rows.copy_(torch.addmm(b, rows.to(a.dtype), a.T))
+                else:
+                    sel = idx[s:s + STATS_CHUNK]
+                    part = torch.addmm(b, feat.index_select(0, sel).to(a.dtype), a.T)
+                    feat.index_copy_(0, sel, part.to(feat.dtype))
+        return z
 
 
 def decode(net: RevNet, store: LatentStore, affine: Affine, height: int, width: int,
