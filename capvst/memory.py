@@ -18,6 +18,10 @@ CPU_SHARE = 0.6
 ACTIVATION_BYTES_PER_PIXEL = 768
 #: Latent bytes per image pixel (32 float32 channels per pixel in both configurations).
 LATENT_BYTES_PER_PIXEL = 128
+#: The image's own buffers per pixel while it is stylized: the decoded content (3), its array
+#: (3), the output (3) and, briefly, the encoded file, rounded up: measured through a worker,
+#: a 3840×2160 item with a 1 GB budget used 1.04 GB above the idle process with 6 counted.
+IMAGE_BYTES_PER_PIXEL = 12
 
 
 def _read_int(path: str) -> int | None:
@@ -108,3 +112,19 @@ def tune_cpu_allocator() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
     _allocator_tuned = ok
     return ok
+
+
+def release_freed() -> None:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``), between the tiles
+    of a huge image: freed tile activations otherwise stay resident, scattered through the
+    heap, and the next tile's pass comes on top of them. A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -295,7 +295,8 @@ class Stylizer:
         if tile != "auto":
             raise InvalidItem(f"tile must be auto, off or a side in pixels, got {tile!r}")
         budget = self.budget()
-        if memory.untiled_bytes(height, width) + 6 * height * width <= budget:
+        if memory.untiled_bytes(height, width) + memory.IMAGE_BYTES_PER_PIXEL * height * width \
+                <= budget:
             return None
         return self._plan(height, width, budget)[0]
 
@@ -425,7 +426,9 @@ class Stylizer:
                     affine = tiled.Affine(tiled.label_maps(c_mask, s_mask, c_acc, s_acc,
                                                            alpha_c, dtype), c_lab)
             else:
-                stats = [self.style_moments(s, max_size, k, tile) for s, k in zip(styles, keys)]
+                with self._lock, tiled.nchw(net):  # a tiled job's passes all stay NCHW
+                    stats = [self.style_moments(s, max_size, k, tile)
+                             for s, k in zip(styles, keys)]
                 with self._lock, self._memory_policy("encoding in tiles"):
                     c_acc = tiled.encode(net, pixels, side, store=store, progress=progress,
                                          total=total)
