@@ -5,6 +5,7 @@ No service imports; PyTorch is imported only to ask a GPU for its free memory.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ ACTIVATION_BYTES_PER_PIXEL = 768
 #: Latent bytes per image pixel (32 float32 channels per pixel in both configurations).
 LATENT_BYTES_PER_PIXEL = 128
 #: The image's own buffers per pixel while it is stylized: the decoded content (3), its array
-#: (3), the output (3) and, briefly, the encoded file, rounded up: measured through a worker,
-#: a 3840×2160 item with a 1 GB budget used 1.04 GB above the idle process with 6 counted.
+#: (3), the output (3) and, briefly, the encoded file, rounded up. With 6 counted here, a
+#: 3840×2160 item under a 1 GB budget used 1.04 GB above the idle worker (docs/PERFORMANCE.md).
 IMAGE_BYTES_PER_PIXEL = 12
 
 
@@ -73,6 +74,13 @@ def default_budget(device: Any) -> int:
     return int(available_ram() * CPU_SHARE)
 
 
+def default_batch_size(device: Any) -> int:
+    """Items per forward pass on ``device`` (a ``torch.device``) when ``CAPVST_BATCH_SIZE`` is
+    unset: 4 on a GPU; 1 on a CPU, where a batch is slower per image than one image at a time
+    (docs/PERFORMANCE.md)."""
+    return 4 if device.type == "cuda" else 1
+
+
 def untiled_bytes(height: int, width: int) -> int:
     """Estimated peak of encoding or decoding a whole image at once."""
     return height * width * ACTIVATION_BYTES_PER_PIXEL
@@ -83,6 +91,23 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _allocator_tuned = False
 
 
+@functools.cache
+def _glibc() -> Any:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt, libc.malloc_trim  # noqa: B018  # both or neither
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def tune_cpu_allocator() -> bool:
     """Keep freed activations in the process heap instead of handing them back to the kernel.
 
@@ -91,40 +116,26 @@ def tune_cpu_allocator() -> bool:
     time, and each fresh page costs a fault: about 8 % of a pass at 512×384 is spent in the
     kernel (docs/PERFORMANCE.md). Allocations up to 32 MiB (glibc's largest heap threshold
     on 64-bit systems) then come from the heap, and up to 256 MiB of free heap top is kept.
-    Larger blocks (the tiles of huge images) are still mapped and returned at once, so peak
-    memory is unchanged. Values are unaffected. glibc only; elsewhere nothing happens.
-    Returns whether the settings were applied (once per process).
+    Larger blocks (the tiles of huge images) are still mapped and returned at once, and tiled
+    passes trim the heap between tiles (:func:`release_freed`). Values are unaffected. glibc
+    only; elsewhere, or with ``CAPVST_CPU_ALLOCATOR=default``, nothing happens. Returns
+    whether the settings are applied (once per process).
     """
     global _allocator_tuned
     if _allocator_tuned:
         return True
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or os.environ.get("CAPVST_CPU_ALLOCATOR", "tuned") == "default":
+    libc = _glibc()
+    if libc is None or os.environ.get("CAPVST_CPU_ALLOCATOR", "tuned") == "default":
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
-    _allocator_tuned = ok
-    return ok
+    _allocator_tuned = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 \
+        and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
+    return _allocator_tuned
 
 
 def release_freed() -> None:
     """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``), between the tiles
     of a huge image: freed tile activations otherwise stay resident, scattered through the
     heap, and the next tile's pass comes on top of them. A no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -85,12 +85,6 @@ def default_channels_last(device: torch.device, precision: str = "float32") -> b
     return device.type == "cpu" or precision in _AUTOCAST
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Items per forward pass when ``CAPVST_BATCH_SIZE`` is unset: 4 on a GPU; 1 on a CPU,
-    where a batch is slower per image than one image at a time (docs/PERFORMANCE.md)."""
-    return 4 if device.type == "cuda" else 1
-
-
 StyleKey = tuple[str | None, ...]
 
 

@@ -35,10 +35,10 @@ from capvst import images
 from capvst.errors import CapvstError, TransientError
 from capvst.heartbeat import Heartbeat
 from capvst.manifest import Item, check_output
+from capvst.memory import default_batch_size
 from capvst.results import ItemResult
 from capvst.retry import RetryPolicy, wait_out
 from capvst.storage import META_JOB, META_LINE
-from capvst.stylize import default_batch_size
 
 from .context import WorkerContext
 

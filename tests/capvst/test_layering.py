@@ -46,7 +46,9 @@ def test_model_imports_no_service_libraries():
 
 
 def test_scheduler_and_client_do_not_load_torch():
-    loaded = _loaded_after("import worker, scheduler.app, scheduler.tasks, scheduler.service, "
+    # the worker's parent process too: torch loads in the pool processes, after the fork
+    loaded = _loaded_after("import worker, worker.tasks, worker.pipeline, worker.video, "
+                           "scheduler.app, scheduler.tasks, scheduler.service, "
                            "scheduler.client, scheduler.report, scheduler.reconciler, "
                            "capvst.cli")
     assert "torch" not in loaded
